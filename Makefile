@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make test` and `make demo` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= .cache/models/tiny
+SAMPLES := model_build/tiny_blip/samples
+
+.PHONY: test demo lint clean serve
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# the serving dependencies only (no torch)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# one stamp per extra, redone when pyproject.toml changes
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[$*]'
+	touch $@
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+$(MODEL_DIR)/manifest.json: | $(VENV)/.installed-build
+	$(BIN)/blip-build tiny -o $(MODEL_DIR) --force
+
+# Caption the bundled sample images and answer questions about them with the bundled test model.
+demo: $(VENV)/.installed-build $(MODEL_DIR)/manifest.json
+	$(BIN)/blip-backend ask --model-dir $(MODEL_DIR) $(SAMPLES)/*.png \
+		-q "what colour is the circle?" -q "how many shapes are there?" -q "is there a red square?"
+
+clean:
+	rm -rf $(VENV) .cache
+
+# Serve the Label Studio ML backend on :9090 (PORT, WORKERS, THREADS, LABEL_STUDIO_URL, ... from the
+# environment). Without MODEL_DIR it builds the bundled tiny test model first and serves that.
+SERVE_NEEDS := $(if $(filter file,$(origin MODEL_DIR)),$(VENV)/.installed-build $(MODEL_DIR)/manifest.json,$(VENV)/.installed)
+serve: $(SERVE_NEEDS)
+	MODEL_DIR=$(MODEL_DIR) $(BIN)/blip-backend serve

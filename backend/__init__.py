@@ -1,0 +1,1 @@
+"""Label Studio ML backend: BLIP captions and answers on OpenVINO, without torch."""

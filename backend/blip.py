@@ -1,0 +1,247 @@
+"""BLIP on OpenVINO: captions, answers and ranked choices for batches of images. No torch.
+
+    blip = Blip("models/tiny-blip")
+    embeds = blip.encode(images)                # the vision encoder runs once per image ...
+    blip.caption(embeds)                        # ... for all of that image's asks
+    blip.answer(embeds, [["what colour is the circle?"], ...])
+    blip.rank(embeds, "what shape is it?", ["circle", "square"])
+
+Scores are in [0, 1]. A generated text's score is the geometric mean of the probabilities the
+model gave its tokens (end-of-text included): 0.9 means the model was, on average, 90% sure of
+each token it wrote. A ranked choice's score is the candidate's share of the probability the
+model gives all candidates (a softmax over their total log-probabilities).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from PIL import Image
+
+from backend.generate import Settings, beam_search, greedy, log_softmax
+from backend.manifest import Manifest, load_manifest
+from backend.preprocess import TextCodec, pixel_values
+
+Images = Sequence[Image.Image] | np.ndarray  # PIL images, or image embeddings from `Blip.encode`
+
+# Bounded memory for large calls: images per vision call, and per decoding batch for captions
+# (a caption's cross-attention cache grows with the 577 image tokens of a full-size model).
+VISION_BATCH = 8
+CAPTION_BATCH = 16
+ANSWER_BATCH = 64
+RANK_ELEMENTS = 16 << 20  # logits floats per ranking chunk
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    score: float
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    text: str
+    score: float
+    scores: dict[str, float]
+
+
+def ov_config(device: str, threads: int | None, inference_precision: str | None) -> dict[str, Any]:
+    """OpenVINO compile options. f32 on CPU by default: bf16 changed tokens and was not faster here."""
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    kind = device.split(":")[0].split(".")[0]
+    if kind == "CPU":
+        config["INFERENCE_PRECISION_HINT"] = inference_precision or "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+    elif inference_precision and kind == "GPU":
+        config["INFERENCE_PRECISION_HINT"] = inference_precision
+    return config
+
+
+class Blip:
+    """A model directory built by `blip-build`, compiled for one OpenVINO device."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "CPU",
+        precision: str = "auto",
+        threads: int | None = None,
+        inference_precision: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.manifest: Manifest = load_manifest(model_dir)
+        if precision == "auto":
+            precision = self.manifest.served_precision
+        self.device, self.precision, self.threads = device, precision, threads
+        if precision not in self.manifest.precisions:
+            raise ValueError(
+                f"{model_dir} has no {precision} build (has {', '.join(self.manifest.precisions)})"
+            )
+        m = self.manifest.data
+        self.tokens = m["tokens"]
+        self.image_settings = m["image"]
+        self.tasks = self.manifest.tasks
+        text = m["text"]
+        self.text_codec = TextCodec(
+            self.manifest.model_dir / text["tokenizer"], self.tokens["pad"], text["max_positions"]
+        )
+        self.generation = {task: Settings(**s) for task, s in m["generation"].items()}
+        self._empty_past_shape = (text["layers"], 2, 0, text["heads"], 0, text["head_size"])
+
+        core = ov.Core()
+        if cache_dir:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        config = ov_config(device, threads, inference_precision)
+        self._parts = {
+            part: core.compile_model(self.manifest.part_xml(precision, part), device, config)
+            for part in m["parts"][precision]
+        }
+
+    # -- the parts -------------------------------------------------------------------------------
+
+    def _run(self, part: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        request = self._parts[part].create_infer_request()
+        return request.infer(inputs, share_inputs=True)[0]
+
+    def encode(self, images: Images) -> np.ndarray:
+        """Images -> image embeddings [N, S, E] (pass them to caption/answer/rank to reuse them)."""
+        if isinstance(images, np.ndarray):
+            return images
+        chunks = [
+            self._run(
+                "vision", {"pixel_values": pixel_values(images[i : i + VISION_BATCH], self.image_settings)}
+            )
+            for i in range(0, len(images), VISION_BATCH)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0), np.float32)
+
+    def _cross_kv(self, states: np.ndarray) -> np.ndarray:
+        return self._run("cross_kv", {"encoder_states": states})
+
+    def _decode(self, prompt: np.ndarray, cross_kv: np.ndarray, mask: np.ndarray, settings: Settings) -> list:
+        request = self._parts["decoder"].create_infer_request()
+
+        def step(
+            ids: np.ndarray, past: np.ndarray, kv: np.ndarray, m: np.ndarray
+        ) -> tuple[np.ndarray, np.ndarray]:
+            # share_inputs: the cross-attention cache is large and the same at every step; don't copy it
+            out = request.infer(
+                {"input_ids": ids, "past_kv": past, "cross_kv": kv, "cross_mask": m}, share_inputs=True
+            )
+            return out["logits"], out["present_kv"]
+
+        past = np.zeros(self._past_shape(prompt.shape[0]), dtype=np.float32)
+        search = greedy if settings.num_beams == 1 else beam_search
+        return search(step, prompt, past, cross_kv, mask, self.tokens["eos"], settings)
+
+    def _settings(self, task: str, overrides: dict[str, Any]) -> Settings:
+        if task not in self.generation:
+            raise ValueError(f"this model cannot {task} (it supports: {', '.join(self.tasks)})")
+        return replace(self.generation[task], **overrides)
+
+    # -- the public calls ------------------------------------------------------------------------
+
+    def caption(self, images: Images, prompt: str | None = None, **generation: Any) -> list[Generated]:
+        """One caption per image, optionally continuing `prompt` (e.g. "a picture of")."""
+        settings = self._settings("caption", generation)
+        embeds = self.encode(images)
+        start = [self.tokens["decoder_start"]]
+        # like transformers: the prompt's [CLS] becomes the decoder start and its closing [SEP] is dropped
+        prompt_ids = start + (self.text_codec.ids(prompt)[1:-1] if prompt else [])
+        results: list[Generated] = []
+        for i in range(0, len(embeds), CAPTION_BATCH):
+            chunk = embeds[i : i + CAPTION_BATCH]
+            ids = np.tile(np.asarray(prompt_ids, dtype=np.int64), (len(chunk), 1))
+            mask = np.ones(chunk.shape[:2], dtype=np.int64)
+            for seq in self._decode(ids, self._cross_kv(chunk), mask, settings):
+                results.append(self._generated(prompt_ids[1:] + seq.tokens, seq.token_logprobs))
+        return results
+
+    def answer(
+        self, images: Images, questions: Sequence[Sequence[str]], **generation: Any
+    ) -> list[list[Generated]]:
+        """questions[i] are asked of image i; returns the answers in the same nesting."""
+        settings = self._settings("answer", generation)
+        embeds = self.encode(images)
+        if len(questions) != len(embeds):
+            raise ValueError(f"{len(embeds)} images but {len(questions)} question lists")
+        pairs = [(i, q) for i, qs in enumerate(questions) for q in qs]
+        flat: list[Generated] = []
+        for c in range(0, len(pairs), ANSWER_BATCH):
+            chunk = pairs[c : c + ANSWER_BATCH]
+            q_embeds, q_mask = self._questions(embeds, [i for i, _ in chunk], [q for _, q in chunk])
+            start = np.full((len(chunk), 1), self.tokens["decoder_start"], dtype=np.int64)
+            for seq in self._decode(start, self._cross_kv(q_embeds), q_mask, settings):
+                flat.append(self._generated(seq.tokens, seq.token_logprobs))
+        it = iter(flat)
+        return [[next(it) for _ in qs] for qs in questions]
+
+    def rank(self, images: Images, question: str, candidates: Sequence[str]) -> list[Ranked]:
+        """Per image, the candidate answer to `question` the model finds most likely, with all scores."""
+        if not candidates:
+            raise ValueError("rank needs at least one candidate")
+        embeds = self.encode(images)
+        cand_ids = [[self.tokens["decoder_start"], *self.text_codec.ids(c)[1:]] for c in candidates]
+        width = max(len(c) for c in cand_ids)
+        seqs = np.full((len(cand_ids), width), self.tokens["pad"], dtype=np.int64)
+        for j, c in enumerate(cand_ids):
+            seqs[j, : len(c)] = c
+        valid = seqs[:, 1:] != self.tokens["pad"]
+        n_cand = len(candidates)
+        per_chunk = max(1, RANK_ELEMENTS // (n_cand * width * self._vocab_size()))
+        results: list[Ranked] = []
+        for i in range(0, len(embeds), per_chunk):
+            idx = list(range(i, min(i + per_chunk, len(embeds))))
+            q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx))
+            kv = self._cross_kv(q_embeds)
+            rows = np.repeat(np.arange(len(idx)), n_cand)
+            past = np.zeros(self._past_shape(len(rows)), dtype=np.float32)
+            logits = self._run(
+                "decoder",
+                {
+                    "input_ids": np.tile(seqs, (len(idx), 1)),
+                    "past_kv": past,
+                    "cross_kv": kv[:, :, rows],
+                    "cross_mask": q_mask[rows],
+                },
+            )
+            lp = log_softmax(logits[:, :-1].astype(np.float32))
+            target = np.tile(seqs[:, 1:], (len(idx), 1))
+            token_lp = np.take_along_axis(lp, target[..., None], axis=-1)[..., 0]
+            total = (token_lp * np.tile(valid, (len(idx), 1))).sum(-1).reshape(len(idx), n_cand)
+            probs = np.exp(log_softmax(total))
+            for p in probs:
+                best = int(p.argmax())
+                results.append(Ranked(candidates[best], float(p[best]), dict(zip(candidates, p.tolist()))))
+        return results
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _questions(self, embeds: np.ndarray, image_index: Sequence[int], questions: Sequence[str]):
+        if "answer" not in self.tasks:
+            raise ValueError("this model only captions (its checkpoint has no question encoder)")
+        ids, mask = self.text_codec.encode(questions)
+        q_embeds = self._run(
+            "text_encoder",
+            {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds[list(image_index)]},
+        )
+        return q_embeds, mask
+
+    def _past_shape(self, batch: int) -> tuple[int, ...]:
+        shape = list(self._empty_past_shape)
+        shape[2] = batch
+        return tuple(shape)
+
+    def _vocab_size(self) -> int:
+        return self.text_codec.tokenizer.get_vocab_size()
+
+    def _generated(self, tokens: list[int], logprobs: list[float]) -> Generated:
+        score = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
+        return Generated(self.text_codec.decode(tokens), score, tokens)

@@ -1,0 +1,1 @@
+"""Build OpenVINO BLIP model directories."""

@@ -1,0 +1,112 @@
+"""`blip-build SOURCE -o MODEL_DIR`: export a BLIP checkpoint to OpenVINO, FP16 and NNCF INT8."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from backend.manifest import ModelDirError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blip-build",
+        description="Convert a BLIP checkpoint (Hugging Face hub id or local folder) into an OpenVINO model "
+        "directory for the backend: FP16, plus INT8 calibrated on your own images.",
+    )
+    p.add_argument(
+        "source",
+        help="hub id (e.g. Salesforce/blip-vqa-base) or checkpoint folder; 'tiny' for the bundled test model",
+    )
+    p.add_argument("-o", "--output", required=True, help="model directory to write")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--force", action="store_true", help="replace an existing build in the output folder")
+    p.add_argument("--no-int8", action="store_true", help="FP16 only")
+
+    cal = p.add_argument_group("INT8 calibration data (default: built-in synthetic shapes, test model only)")
+    cal.add_argument(
+        "--calibration-images", metavar="DIR", help="a folder of your images (searched recursively)"
+    )
+    cal.add_argument(
+        "--calibration-questions",
+        metavar="FILE",
+        help='questions: plain lines asked of every image, or JSONL {"image": path, "questions": [...]}',
+    )
+    cal.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    q = p.add_argument_group("INT8 settings")
+    q.add_argument("--subset-size", type=int, default=300, help="calibration samples (default 300)")
+    q.add_argument(
+        "--smooth-quant-alpha",
+        type=float,
+        default=0.95,
+        help="SmoothQuant alpha for MatMuls; negative disables",
+    )
+    q.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="keep matching nodes in FP")
+    q.add_argument(
+        "--weights",
+        default="int8_asym",
+        choices=["int8_asym", "int8_sym", "int4_asym", "int4_sym"],
+        help="decoder weight compression (default int8_asym)",
+    )
+    q.add_argument("--group-size", type=int, help="INT4 group size (default 128)")
+    q.add_argument(
+        "--ratio", type=float, help="INT4: share of decoder layers in INT4, the rest INT8 (default 1.0)"
+    )
+    q.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.0,
+        help="fail (exit 3) and serve FP16 if INT8 agrees with FP16 on fewer held-out asks than this (0-1)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # imported late so that --help answers without loading torch
+    from model_build import calibration
+    from model_build.export import QualityGateError, build
+    from model_build.quantize import QuantSettings
+    from model_build.source import BuildError
+    from model_build.tiny_blip import CHECKPOINT_DIR
+
+    source = str(CHECKPOINT_DIR) if args.source == "tiny" else args.source
+    if args.calibration_images:
+        folder, questions, seed = args.calibration_images, args.calibration_questions, args.seed
+        data = lambda n: calibration.from_folder(folder, n, seed, questions)  # noqa: E731
+    else:
+        data = lambda n: calibration.synthetic(n, args.seed)  # noqa: E731
+    try:
+        quant = QuantSettings(
+            subset_size=args.subset_size,
+            smooth_quant_alpha=args.smooth_quant_alpha,
+            ignored_scope=tuple(args.ignore),
+            weights=args.weights,
+            group_size=args.group_size,
+            ratio=args.ratio,
+        )
+    except ValueError as e:
+        parser().error(str(e))
+    try:
+        build(
+            source,
+            args.output,
+            revision=args.revision,
+            force=args.force,
+            int8=not args.no_int8,
+            calibration=data,
+            quant=quant,
+            min_agreement=args.min_agreement,
+        )
+    except QualityGateError as e:
+        print(f"blip-build: {e}", file=sys.stderr)
+        return 3
+    except (BuildError, ModelDirError, calibration.CalibrationError) as e:
+        print(f"blip-build: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

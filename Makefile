@@ -34,7 +34,7 @@ $(MODEL_DIR)/manifest.json: | $(VENV)/.installed-build
 # Caption the bundled sample images and answer questions about them with the bundled test model.
 demo: $(VENV)/.installed-build $(MODEL_DIR)/manifest.json
 	$(BIN)/blip-backend ask --model-dir $(MODEL_DIR) $(SAMPLES)/*.png \
-		-q "what colour is the circle?" -q "how many shapes are there?" -q "is there a red square?"
+		-q "how many objects are there?" -q "what shape is on the left?" -q "is there a red circle?"
 
 clean:
 	rm -rf $(VENV) .cache

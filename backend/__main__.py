@@ -80,8 +80,17 @@ def gunicorn_argv(args: argparse.Namespace) -> list[str]:
         "--log-level",
         os.environ.get("LOG_LEVEL", "info").lower(),
         # no --preload: OpenVINO's thread pools don't survive fork, each worker loads the model itself
+        *_no_control_socket(),
         "backend.wsgi:app",
     ]
+
+
+def _no_control_socket() -> list[str]:
+    # gunicorn >= 25 opens a control socket at a fixed path under $HOME: two backends on one host
+    # would fight over it, and a read-only home breaks start-up; we don't use it
+    from gunicorn import config
+
+    return ["--no-control-socket"] if hasattr(config, "ControlSocketDisable") else []
 
 
 def serve(args: argparse.Namespace) -> int:

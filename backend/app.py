@@ -1,0 +1,248 @@
+"""The Label Studio ML backend protocol on Flask: /setup, /predict, /health, /metrics, /webhook.
+
+    app = create_app()          # MODEL_DIR, DEVICE, ... from the environment (see backend/wsgi.py)
+
+The model is loaded once, when the app is created (one per gunicorn worker), never per request:
+Label Studio gives /setup 3 s and /health 1 s.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from backend.blip import Blip
+from backend.images import ImageLoader
+from backend.labeling import ConfigError, plan
+from backend.predict import Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """Everything read from the environment, in one place (same names as Label Studio's backends)."""
+
+    model_dir: str | None = None
+    device: str = "CPU"
+    precision: str | None = None  # None: int8 when the model directory has it, else fp16
+    label_studio_url: str | None = None
+    api_key: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        return cls(
+            model_dir=env("MODEL_DIR") or None,
+            device=env("DEVICE") or "CPU",
+            precision=env("PRECISION") or None,
+            label_studio_url=env("LABEL_STUDIO_URL") or env("LABEL_STUDIO_HOST") or None,
+            api_key=env("LABEL_STUDIO_API_KEY") or env("LABEL_STUDIO_ACCESS_TOKEN") or None,
+            basic_auth_user=env("BASIC_AUTH_USER") or None,
+            basic_auth_pass=env("BASIC_AUTH_PASS") or None,
+        )
+
+
+@dataclass
+class Metrics:
+    requests: dict[str, int] = field(default_factory=dict)
+    tasks_predicted: int = 0
+    tasks_failed: int = 0
+    predict_calls: int = 0
+    predict_seconds: float = 0.0
+    errors: int = 0
+    started: float = field(default_factory=time.time)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            mean = self.predict_seconds / self.predict_calls if self.predict_calls else 0.0
+            return {
+                "requests": dict(self.requests),
+                "tasks_predicted": self.tasks_predicted,
+                "tasks_failed": self.tasks_failed,
+                "predict_calls": self.predict_calls,
+                "predict_mean_latency_s": round(mean, 4),
+                "errors": self.errors,
+                "uptime_s": round(time.time() - self.started, 1),
+            }
+
+
+def load_blip(settings: Settings) -> Blip:
+    if not settings.model_dir:
+        raise RuntimeError("MODEL_DIR is not set: point it at a model directory built by `blip-build`")
+    from backend.manifest import load_manifest
+
+    precisions = load_manifest(settings.model_dir, verify_hashes=False).precisions
+    precision = settings.precision or ("int8" if "int8" in precisions else "fp16")
+    return Blip(Path(settings.model_dir), device=settings.device, precision=precision)
+
+
+def create_app(
+    model_dir: str | Path | None = None, blip: Blip | None = None, settings: Settings | None = None
+) -> Flask:
+    """The Flask app; loads the model from `model_dir` (or $MODEL_DIR) unless a loaded `blip` is given."""
+    settings = settings or Settings.from_env()
+    if model_dir is not None:
+        settings.model_dir = str(model_dir)
+    if blip is None:
+        t0 = time.perf_counter()
+        blip = load_blip(settings)
+        log.info(
+            "loaded %s (%s on %s) in %.1f s",
+            settings.model_dir,
+            blip.precision,
+            blip.device,
+            time.perf_counter() - t0,
+        )
+    predictor = Predictor(blip)
+    metrics = Metrics()
+    # /setup's hostname and access token: used when LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are unset
+    from_setup: dict[str, str | None] = {"hostname": None, "access_token": None}
+    schemas: dict[str, str] = {}  # project id -> label config from /setup, if /predict lacks one
+
+    app = Flask("blip-backend")
+    app.config["predictor"] = predictor
+    app.config["metrics"] = metrics
+
+    def loader() -> ImageLoader:
+        return ImageLoader(
+            hostname=settings.label_studio_url or from_setup["hostname"],
+            access_token=settings.api_key or from_setup["access_token"],
+        )
+
+    @app.before_request
+    def check_auth() -> Response | None:
+        with metrics.lock:
+            route = request.url_rule.rule if request.url_rule else "other"  # bounded: no key per 404 path
+            metrics.requests[route] = metrics.requests.get(route, 0) + 1
+        if not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            # bytes: compare_digest refuses non-ASCII str
+            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+            and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode())
+        )
+        if ok:
+            return None
+        response = jsonify({"status": "error", "detail": "basic authentication required"})
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="blip-backend"'
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(
+            {
+                "status": "UP",
+                "model_class": "BLIP",
+                "model_version": predictor.model_version,
+                "precision": blip.precision,
+                "device": blip.device,
+                "tasks": blip.tasks,
+            }
+        )
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = request.get_json(silent=True) or {}
+        if body.get("hostname"):
+            from_setup["hostname"] = str(body["hostname"])
+        if body.get("access_token"):
+            from_setup["access_token"] = str(body["access_token"])
+        project, schema = str(body.get("project")), body.get("schema")
+        if isinstance(schema, str) and schema and schemas.get(project) != schema:
+            schemas[project] = schema
+            _describe(project, schema, blip.tasks)  # once per config, not at every /setup
+        return jsonify({"model_version": predictor.model_version})
+
+    @app.post("/predict")
+    def predict() -> Response | tuple[Response, int]:
+        t0 = time.perf_counter()
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
+            return jsonify(
+                {"status": "error", "detail": 'expected JSON {"tasks": [...], "label_config"}'}
+            ), 400
+        tasks = body["tasks"]
+        config = body.get("label_config") or schemas.get(str(body.get("project")))
+        if not tasks:
+            return jsonify({"results": []})
+        try:
+            if not config:
+                raise ConfigError("the request has no label_config")
+            asks = plan(config, tuple(blip.tasks))
+        except ConfigError as e:
+            log.warning("%d task(s) get no prediction: %s", len(tasks), e)
+            _count(metrics, t0, 0, len(tasks))
+            return jsonify({"results": [[] for _ in tasks]})
+        try:
+            outcome = predictor.predict(tasks, asks, loader())
+        except Exception:
+            # still one entry per task, or Label Studio drops or retries the whole batch
+            log.exception("%d task(s) get no prediction: unexpected error", len(tasks))
+            _count(metrics, t0, 0, len(tasks))
+            return jsonify({"results": [[] for _ in tasks]})
+        _count(metrics, t0, outcome.predicted, outcome.failed)
+        log.info(
+            "predicted %d of %d task(s) in %.2f s", outcome.predicted, len(tasks), time.perf_counter() - t0
+        )
+        return jsonify({"results": outcome.entries, "model_version": predictor.model_version})
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        # this backend does not train: annotation and project events are acknowledged and ignored
+        body = request.get_json(silent=True) or {}
+        return jsonify(
+            {"status": "ignored", "action": body.get("action") if isinstance(body, dict) else None}
+        )
+
+    @app.get("/metrics")
+    def get_metrics() -> Response:
+        return jsonify({**metrics.snapshot(), "model_version": predictor.model_version})
+
+    @app.errorhandler(Exception)
+    def on_error(e: Exception) -> tuple[Response, int]:
+        from werkzeug.exceptions import HTTPException
+
+        if isinstance(e, HTTPException):
+            return jsonify({"status": "error", "detail": e.description}), e.code or 500
+        with metrics.lock:
+            metrics.errors += 1
+        log.exception("%s %s failed", request.method, request.path)
+        return jsonify({"status": "error", "detail": f"{type(e).__name__}: {e}"}), 500
+
+    return app
+
+
+def _count(metrics: Metrics, t0: float, predicted: int, failed: int) -> None:
+    with metrics.lock:
+        metrics.predict_calls += 1
+        metrics.predict_seconds += time.perf_counter() - t0
+        metrics.tasks_predicted += predicted
+        metrics.tasks_failed += failed
+
+
+def _describe(project: str, schema: str, tasks: list[str]) -> None:
+    try:
+        asks = plan(schema, tuple(tasks))
+    except ConfigError as e:
+        log.warning("project %s: %s", project, e)
+        return
+    predicted = ", ".join(f"{a.from_name} ({a.kind})" for a in asks.asks) or "nothing"
+    skipped = f"; not predicted: {'; '.join(asks.skipped)}" if asks.skipped else ""
+    log.info("project %s: predicting %s%s", project, predicted, skipped)

@@ -1,0 +1,228 @@
+"""Task images from wherever Label Studio keeps them, as bounded, upright RGB PIL images.
+
+    loader = ImageLoader(hostname="http://ls:8080", access_token="...")
+    image = loader.load(task["data"]["image"], task_id=task["id"])
+
+Label Studio's SDK (`get_local_path`) knows every URL kind a task can hold: uploads
+(`/data/upload/...`, tried through the storage proxy first), Local Storage (`/data/local-files/?d=...`,
+read from disk when `LOCAL_FILES_DOCUMENT_ROOT` is set), cloud storage (`s3://`, `gs://`,
+`azure-blob://` through the task's presign endpoint) and plain http(s) URLs, and it sends the token
+only to the Label Studio host. We add what it lacks: data URIs, personal access tokens (exchanged for
+short-lived access tokens), and limits on download size, time and decoded pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import jwt
+import numpy as np
+import requests
+from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+MAX_BYTES = 50 << 20  # an encoded image file
+MAX_PIXELS = 50_000_000  # decoded width x height; below PIL's own 89 MP bomb warning
+TIMEOUT = 30.0  # seconds for one download, connection to last byte
+
+
+class ImageError(Exception):
+    """This task's image cannot be used; the message says why (logged with the task id)."""
+
+
+class _LimitedSession(requests.Session):
+    """A session that enforces our byte and time limits on the downloads the SDK makes through it.
+
+    The SDK streams the response and then reads `response.content` whole; we read it first, in
+    chunks, so an endless or huge body is cut off at MAX_BYTES / TIMEOUT instead of filling memory.
+    """
+
+    def __init__(self, max_bytes: int, timeout: float) -> None:
+        super().__init__()
+        self.max_bytes, self.timeout = max_bytes, timeout
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        kwargs["stream"] = True
+        response = super().request(method, url, *args, **kwargs)
+        if not response.ok:
+            return response  # the caller's raise_for_status reports it
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            response.close()
+            raise ImageError(f"{_short(url)}: {int(declared)} bytes, more than the {self.max_bytes} allowed")
+        deadline = time.monotonic() + self.timeout
+        body = bytearray()
+        for chunk in response.iter_content(1 << 16):
+            body += chunk
+            if len(body) > self.max_bytes:
+                response.close()
+                raise ImageError(f"{_short(url)}: more than the {self.max_bytes} bytes allowed")
+            if time.monotonic() > deadline:
+                response.close()
+                raise ImageError(f"{_short(url)}: download took longer than {self.timeout:g} s")
+        response._content = bytes(body)  # what `response.content` returns to the SDK
+        return response
+
+
+class ImageLoader:
+    """Fetches and decodes task images. `hostname`/`access_token` default to LABEL_STUDIO_URL/_API_KEY."""
+
+    def __init__(
+        self,
+        hostname: str | None = None,
+        access_token: str | None = None,
+        max_bytes: int = MAX_BYTES,
+        max_pixels: int = MAX_PIXELS,
+        timeout: float = TIMEOUT,
+    ) -> None:
+        self.hostname = (hostname or "").rstrip("/") or None
+        self.access_token = access_token or None
+        self.max_bytes, self.max_pixels, self.timeout = max_bytes, max_pixels, timeout
+
+    def load(self, url: Any, task_id: int | None = None) -> Image.Image:
+        if not isinstance(url, str) or not url.strip():
+            raise ImageError(f"the image field holds {url!r}, not a URL")
+        url = url.strip()
+        data = self._data_uri(url) if url.startswith("data:") else self._fetch(url, task_id)
+        return decode(data, self.max_pixels)
+
+    def _data_uri(self, url: str) -> bytes:
+        header, sep, payload = url.partition(",")
+        if not sep:
+            raise ImageError("malformed data URI (no comma)")
+        # base64 grows data by 4/3: refuse before decoding anything too large
+        if len(payload) > self.max_bytes * 4 // 3 + 4:
+            raise ImageError(f"data URI larger than the {self.max_bytes} bytes allowed")
+        if header.endswith(";base64"):
+            try:
+                return base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as e:
+                raise ImageError(f"data URI is not valid base64: {e}") from None
+        return urllib.parse.unquote_to_bytes(payload)
+
+    def _fetch(self, url: str, task_id: int | None) -> bytes:
+        token = _TOKENS.usable(self.hostname, self.access_token, self.timeout)
+        # a fresh folder per image: the SDK caches by URL forever otherwise, and a changed file
+        # behind the same URL would never be seen again
+        with (
+            tempfile.TemporaryDirectory(prefix="blip-img-") as cache,
+            http_session(_LimitedSession(self.max_bytes, self.timeout)),
+        ):
+            try:
+                path = Path(
+                    get_local_path(
+                        url, cache_dir=cache, hostname=self.hostname, access_token=token, task_id=task_id
+                    )
+                )
+            except ImageError:
+                raise
+            except requests.HTTPError as e:
+                status = e.response.status_code if e.response is not None else "?"
+                hint = " (is LABEL_STUDIO_API_KEY right?)" if status in (401, 403) else ""
+                raise ImageError(f"{_short(url)}: HTTP {status}{hint}") from None
+            except requests.RequestException as e:
+                raise ImageError(f"{_short(url)}: download failed: {type(e).__name__}: {e}") from None
+            except Exception as e:  # the SDK raises bare Exception/ValueError/FileNotFoundError
+                raise ImageError(f"{_short(url)}: {type(e).__name__}: {e}") from None
+            try:
+                size = path.stat().st_size
+                if size > self.max_bytes:  # Local Storage files are read from disk, unlimited by the session
+                    raise ImageError(f"{_short(url)}: {size} bytes, more than the {self.max_bytes} allowed")
+                return path.read_bytes()
+            except OSError as e:
+                raise ImageError(f"{_short(url)}: {e.strerror or e}") from None
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Encoded bytes -> an upright RGB image, refusing non-images, truncated files and pixel bombs."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        # `open` only reads the header: check the declared size before decoding a single pixel
+        if image.width * image.height > max_pixels:
+            raise ImageError(
+                f"image is {image.width}x{image.height} pixels, more than the {max_pixels} allowed"
+            )
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image refused as a decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"not an image file ({len(data)} bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"unreadable image: {e}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, as Label Studio shows it."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit greyscale: PIL's convert("L") clips at 255 instead of scaling, giving white images
+        x = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if image.mode.startswith("I;16") or x.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and x.max(initial=0) <= 1.0:
+            peak = 1.0
+        image = Image.fromarray(np.clip(x * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "L" and "transparency" in image.info:
+        return to_rgb(image.convert("LA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class _AccessTokens:
+    """Label Studio personal access tokens are JWT refresh tokens: downloads need the access token
+    they are exchanged for (valid ~5 min). Legacy tokens are used as they are."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def usable(self, hostname: str | None, token: str | None, timeout: float) -> str | None:
+        if not token or not hostname or _jwt_type(token) != "refresh":
+            return token
+        key = (hostname, token)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached and cached[1] > time.time() + 30:
+                return cached[0]
+            try:
+                r = requests.post(f"{hostname}/api/token/refresh/", json={"refresh": token}, timeout=timeout)
+                r.raise_for_status()
+                access = r.json()["access"]
+            except (requests.RequestException, ValueError, KeyError) as e:
+                raise ImageError(f"cannot exchange the personal access token at {hostname}: {e}") from None
+            expires = jwt.decode(access, options={"verify_signature": False}).get("exp", time.time() + 60)
+            self._cache[key] = (access, float(expires))
+            return access
+
+
+_TOKENS = _AccessTokens()  # shared: loaders are made per request, access tokens live for minutes
+
+
+def _jwt_type(token: str) -> str | None:
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("token_type")
+    except jwt.PyJWTError:
+        return None
+
+
+def _short(url: str, limit: int = 120) -> str:
+    return url if len(url) <= limit else url[: limit - 3] + "..."

@@ -1,0 +1,181 @@
+"""A Label Studio labeling config -> the "asks" BLIP can fill in, one per control it predicts.
+
+Conventions (custom attributes on control tags; Label Studio keeps them):
+
+- `<TextArea toName="<an Image>"/>` without `question` -> a caption of that image; `prompt="a picture of"`
+  makes the caption continue that text.
+- `question="what colour is the circle?"` on a TextArea -> the generated answer; on a Choices -> the
+  choice BLIP finds most likely (ranked over each Choice's `value`; the result holds its `alias` when
+  it has one, as Label Studio does). With `choice="multiple"`, every choice whose share of the
+  probability is at least `threshold` (default DEFAULT_THRESHOLD), and always the top one.
+- `question="$field"` -> the question is the task's `data[field]`.
+- A control whose toName is a `<Text value="$field"/>` (the stock Visual Question Answering template)
+  answers the question that Text shows, i.e. the task's `data[field]`.
+- The image asked about is the control's toName when it is an Image, else the `image="<name>"`
+  attribute, else the first Image of the config.
+- `predict="false"` on a control: the backend leaves it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from label_studio_sdk.label_interface import LabelInterface
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.25  # choice shares sum to 1, so at most 4 choices pass by default
+SUPPORTED = ("TextArea", "Choices")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One control to fill in for every task."""
+
+    from_name: str
+    to_name: str
+    type: str  # "textarea" | "choices": the result type Label Studio expects
+    image_field: str  # task.data key holding the image URL
+    kind: str  # "caption" | "answer" | "rank"
+    prompt: str | None = None
+    question: str | None = None  # a fixed question ...
+    question_field: str | None = None  # ... or the task.data key holding it
+    candidates: tuple[str, ...] = ()  # Choice values, ranked by BLIP
+    labels: tuple[str, ...] = ()  # what the result stores for each candidate (alias or value)
+    multiple: bool = False
+    threshold: float = DEFAULT_THRESHOLD
+
+    def question_for(self, data: dict[str, Any]) -> str | None:
+        """The question for one task, or None when the task has none for this control."""
+        if self.question_field is None:
+            return self.question
+        value = data.get(self.question_field)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    asks: tuple[Ask, ...]
+    skipped: tuple[str, ...] = field(default=())  # "control: why", for the log
+
+    def why_nothing(self) -> str:
+        if self.skipped:
+            return "nothing to predict in this labeling config: " + "; ".join(self.skipped)
+        return "nothing to predict in this labeling config: it has no TextArea or Choices control"
+
+
+class ConfigError(ValueError):
+    """The labeling config cannot be parsed."""
+
+
+@lru_cache(maxsize=64)
+def plan(label_config: str, tasks: tuple[str, ...] = ("caption", "answer")) -> Plan:
+    """The asks of `label_config` that a model able to do `tasks` can fill in (cached per config)."""
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as e:  # the SDK raises whatever the XML parser or its validators raise
+        raise ConfigError(f"cannot parse the labeling config: {type(e).__name__}: {e}") from None
+    images = [o for o in interface.objects if o.tag == "Image"]
+    asks, skipped = [], []
+    for control in interface.controls:
+        try:
+            asks.append(_ask(control, interface, images, tasks))
+        except _Skip as why:
+            skipped.append(f"{control.tag} {control.name!r}: {why}")
+    return Plan(tuple(asks), tuple(skipped))
+
+
+class _Skip(Exception):
+    pass
+
+
+def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str, ...]) -> Ask:
+    attr = {k: v for k, v in control.attr.items() if isinstance(v, str)}
+    if attr.get("predict", "true").strip().lower() in ("false", "no", "0", "off"):
+        raise _Skip('opted out with predict="false"')
+    if control.tag not in SUPPORTED:
+        raise _Skip(f"{control.tag} is not predicted (only {' and '.join(SUPPORTED)} are)")
+    if not control.to_name:
+        raise _Skip("no toName")
+    to_name = control.to_name[0]
+    target = interface.get_object(to_name) if to_name in {o.name for o in interface.objects} else None
+    if target is None:
+        raise _Skip(f"toName {to_name!r} is not an object tag of this config")
+    if attr.get("perRegion", "").lower() == "true":
+        raise _Skip("perRegion controls describe regions, which this backend does not draw")
+
+    # the image asked about
+    if target.tag == "Image":
+        image = target
+    elif attr.get("image"):
+        image = next((o for o in images if o.name == attr["image"]), None)
+        if image is None:
+            raise _Skip(f"image={attr['image']!r} is not an Image of this config")
+    elif images:
+        image = images[0]
+    else:
+        raise _Skip("the config has no Image to ask about")
+    image_field = _field(image.value)
+    if image_field is None:
+        raise _Skip(f"Image {image.name!r} has value={image.value!r}, not a $field of the task")
+
+    # the question: an attribute, an attribute naming a task field, or the Text the control points at
+    question = question_field = None
+    if attr.get("question", "").strip():
+        q = attr["question"].strip()
+        question_field = _field(q)
+        question = None if question_field else q
+    elif target.tag != "Image":
+        question_field = _field(getattr(target, "value", None) or "")
+        if question_field is None:
+            raise _Skip(f"toName {to_name!r} is a {target.tag} without a $field to read a question from")
+
+    common = {"from_name": control.name, "to_name": to_name, "image_field": image_field}
+    asks_question = question is not None or question_field is not None
+    if asks_question and "answer" not in tasks:
+        raise _Skip("this model only captions; it cannot answer questions")
+
+    if control.tag == "TextArea":
+        if not asks_question:
+            prompt = attr.get("prompt", "").strip() or None
+            return Ask(type="textarea", kind="caption", prompt=prompt, **common)
+        return Ask(type="textarea", kind="answer", question=question, question_field=question_field, **common)
+
+    # Choices
+    if not asks_question:
+        raise _Skip('Choices on an Image need a question="..." attribute to rank the choices by')
+    if attr.get("value", "").startswith("$"):
+        raise _Skip("choices taken from task data (value=$...) are not supported")
+    candidates, labels = [], []
+    for label, choice in control.labels_attrs.items():
+        value = (choice.attr.get("value") or label or "").strip()
+        if value:
+            candidates.append(value)
+            labels.append(label)
+    if not candidates:
+        raise _Skip("no Choice to pick from")
+    try:
+        threshold = float(attr.get("threshold", DEFAULT_THRESHOLD))
+    except ValueError:
+        raise _Skip(f"threshold={attr['threshold']!r} is not a number") from None
+    return Ask(
+        type="choices",
+        kind="rank",
+        question=question,
+        question_field=question_field,
+        candidates=tuple(candidates),
+        labels=tuple(labels),
+        multiple=attr.get("choice", "single").lower() == "multiple",
+        threshold=threshold,
+        **common,
+    )
+
+
+def _field(value: str | None) -> str | None:
+    """`$name` -> `name`; anything else (a literal) -> None."""
+    if value and value.startswith("$") and len(value) > 1:
+        return value[1:]
+    return None

@@ -1,0 +1,374 @@
+"""End to end: a real Label Studio (headless, sqlite, loopback only) and the backend under real gunicorn.
+
+For each supported template a project is created, the backend connected, images uploaded as files (so
+tasks hold `/data/upload/...` URLs the backend must fetch with its API key) or imported as JSON, and
+"Retrieve predictions" run. The stored predictions are read back: they must be the tiny model's correct
+captions and answers, with scores and the backend's model_version, and a second retrieval must not add
+duplicates. Label Studio starts once for the module (a fresh sqlite database migrates for ~25 s).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from model_build.tiny_blip.synthetic import COUNTS, HELD_OUT_SEED, make_scenes
+
+REPO = Path(__file__).resolve().parents[1]
+USER, PASSWORD = "admin@example.com", "admin-pass-123"
+BACKEND_USER, BACKEND_PASS = "ls-backend", "backend-pass-456"
+HOW_MANY = "how many objects are there?"
+
+CAPTIONING = (
+    '<View><Image name="image" value="$captioning"/><Header value="Describe the image:"/>'
+    '<TextArea name="caption" toName="image" placeholder="Enter description here..." rows="5" '
+    'maxSubmissions="1"/></View>'
+)
+VQA = """<View>
+  <Image name="image" value="$image"/>
+  <Header value="Q1: Please answer the question:"/>
+  <Text name="q1" value="$q1"/>
+  <TextArea name="answer1" toName="q1" rows="1" maxSubmissions="1"/>
+  <Header value="Q2: Please answer the question:"/>
+  <Text name="q2" value="$q2"/>
+  <TextArea name="answer2" toName="q2" rows="1" maxSubmissions="1"/>
+</View>"""
+FIXED = f"""<View>
+  <Image name="image" value="$image"/>
+  <Header value="{HOW_MANY}"/>
+  <TextArea name="count_text" toName="image" question="{HOW_MANY}" rows="1"/>
+  <Choices name="count" toName="image" question="{HOW_MANY}" choice="single">
+    <Choice value="one"/><Choice value="two"/><Choice value="three" alias="3"/>
+  </Choices>
+</View>"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float, **kw) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url}: process exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(url, timeout=2, **kw).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not ready after {seconds} s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the process group we created: server + its children
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """(base URL, legacy API token) of a Label Studio started for this module."""
+    root = tmp_path_factory.mktemp("label-studio")
+    port = free_port()
+    token = secrets.token_hex(20)
+    env = {
+        **os.environ,
+        "HOME": str(root / "home"),
+        "LABEL_STUDIO_BASE_DATA_DIR": str(root / "data"),
+        "LABEL_STUDIO_USERNAME": USER,
+        "LABEL_STUDIO_PASSWORD": PASSWORD,
+        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
+        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+        "LABEL_STUDIO_SENTRY_DSN": "",
+        "SENTRY_DSN": "",
+    }
+    (root / "home").mkdir()
+    exe = Path(sys.executable).with_name("label-studio")
+    exe = str(exe) if exe.exists() else shutil.which("label-studio")
+    assert exe, "the label-studio command is not installed (pip install -e '.[test]')"
+    log = root / "label-studio.log"
+    url = f"http://127.0.0.1:{port}"
+    cmd = [exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port), "--host", url]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"{url}/health", proc, log, 240)
+        # Label Studio silently moves to another port when ours is taken: make sure this one is ours
+        who = requests.get(
+            f"{url}/api/current-user/whoami", headers={"Authorization": f"Token {token}"}, timeout=10
+        )
+        assert who.status_code == 200 and who.json()["email"] == USER, who.text
+        yield url, token
+    finally:
+        stop(proc)
+
+
+def serve_backend(tiny_dir: Path, log: Path, **env_vars: str):
+    """Start `blip-backend serve` (gunicorn) on 127.0.0.1; returns (process, URL)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(tiny_dir),
+        "WORKERS": "1",
+        "THREADS": "2",
+        "LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **env_vars,
+    }
+    cmd = [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_backend(proc: subprocess.Popen, log: Path) -> None:
+    stop(proc)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tiny_dir, tmp_path_factory):
+    """URL of the backend with basic auth on, fetching uploads with the legacy API token."""
+    ls_url, token = label_studio
+    log = tmp_path_factory.mktemp("backend") / "backend.log"
+    proc, url = serve_backend(
+        tiny_dir,
+        log,
+        LABEL_STUDIO_URL=ls_url,
+        LABEL_STUDIO_API_KEY=token,
+        BASIC_AUTH_USER=BACKEND_USER,
+        BASIC_AUTH_PASS=BACKEND_PASS,
+    )
+    try:
+        wait_for(f"{url}/health", proc, log, 120, auth=(BACKEND_USER, BACKEND_PASS))
+        assert requests.get(f"{url}/health", timeout=5).status_code == 401  # basic auth is on
+        yield url
+    finally:
+        stop_backend(proc, log)
+
+
+def personal_access_token(url: str) -> str:
+    """Log in like a browser and create the user's personal access token (a JWT refresh token)."""
+    session = requests.Session()
+    session.get(f"{url}/user/login/", timeout=10)
+    login = session.post(
+        f"{url}/user/login/",
+        data={"email": USER, "password": PASSWORD, "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+        headers={"Referer": f"{url}/user/login/"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert login.status_code == 302, login.text[:500]
+    response = session.post(
+        f"{url}/api/token/",
+        headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": f"{url}/"},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    return response.json()["token"]
+
+
+@pytest.fixture(scope="module")
+def pat_backend(label_studio, tiny_dir, tmp_path_factory):
+    """URL of a backend without basic auth that fetches uploads with a personal access token."""
+    ls_url, _ = label_studio
+    pat = personal_access_token(ls_url)
+    # Label Studio refuses the refresh token itself as a Bearer token: the backend must exchange it
+    bare = requests.get(
+        f"{ls_url}/api/current-user/whoami", headers={"Authorization": f"Bearer {pat}"}, timeout=10
+    )
+    assert bare.status_code == 401
+    log = tmp_path_factory.mktemp("pat-backend") / "backend.log"
+    proc, url = serve_backend(tiny_dir, log, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=pat)
+    try:
+        wait_for(f"{url}/health", proc, log, 120)
+        yield url
+    finally:
+        stop_backend(proc, log)
+
+
+@pytest.fixture(scope="module")
+def ls(label_studio):
+    from label_studio_sdk.client import LabelStudio
+
+    url, token = label_studio
+    return LabelStudio(base_url=url, api_key=token)
+
+
+@pytest.fixture(scope="module")
+def health(backend):
+    return requests.get(f"{backend}/health", auth=(BACKEND_USER, BACKEND_PASS), timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def version(health):
+    return health["model_version"]
+
+
+@pytest.fixture(scope="module")
+def scenes(health, tiny_dir):
+    """Held-out scenes the served model (same precision) gets entirely right, as in test_backend_api."""
+    from backend.blip import Blip
+
+    blip = Blip(tiny_dir, precision=health["precision"])
+    pool = make_scenes(60, HELD_OUT_SEED)
+    captions = blip.caption([s.image for s in pool])
+    answers = blip.answer([s.image for s in pool], [[qa.question for qa in s.qa] for s in pool])
+    good = [
+        s
+        for s, c, a in zip(pool, captions, answers)
+        if c.text == s.caption
+        and all(x.text == qa.answer for x, qa in zip(a, s.qa))
+        and all(blip.rank([s.image], qa.question, qa.candidates)[0].text == qa.answer for qa in s.qa)
+    ]
+    assert len(good) >= 12, f"only {len(good)} of {len(pool)} held-out scenes fully right"
+    return good
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def project_with_backend(ls, backend: str, title: str, config: str, basic_auth: bool = True):
+    project = ls.projects.create(title=title, label_config=config)
+    auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": BACKEND_USER, "basic_auth_pass": BACKEND_PASS}
+    ls.ml.create(project=project.id, url=backend, title="BLIP", **(auth if basic_auth else {}))
+    return project
+
+
+def upload(label_studio, project_id: int, files: dict[str, bytes]) -> None:
+    url, token = label_studio
+    response = requests.post(
+        f"{url}/api/projects/{project_id}/import",
+        headers={"Authorization": f"Token {token}"},
+        # one form field per file: Label Studio keeps only the last file of a repeated field name
+        files=[(name, (name, data, "image/png")) for name, data in files.items()],
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+
+
+def retrieve(ls, project_id: int) -> list:
+    ls.actions.create(
+        id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True, "excluded": []}
+    )
+    return ls.predictions.list(project=project_id)
+
+
+def by_task(ls, project_id: int, predictions: list) -> dict[int, tuple[dict, object]]:
+    tasks = {t.id: t.data for t in ls.tasks.list(project=project_id)}
+    return {p.task: (tasks[p.task], p) for p in predictions}
+
+
+def check_no_duplicates(ls, project_id: int, first: list) -> None:
+    again = retrieve(ls, project_id)
+    assert sorted(p.id for p in again) == sorted(p.id for p in first)
+
+
+def scene_of(data_url: str, names: dict[str, object]):
+    # uploads are renamed <hash>-<name>: find the scene by its original file name
+    return next(scene for name, scene in names.items() if data_url.endswith("-" + name))
+
+
+def test_image_captioning_template_with_uploaded_files(ls, label_studio, backend, version, scenes):
+    project = project_with_backend(ls, backend, "captioning", CAPTIONING)
+    names = {f"scene{i}.png": s for i, s in enumerate(scenes[:4])}
+    upload(label_studio, project.id, {name: png(s.image) for name, s in names.items()})
+    predictions = retrieve(ls, project.id)
+    assert len(predictions) == len(names)
+    for data, prediction in by_task(ls, project.id, predictions).values():
+        assert data["captioning"].startswith("/data/upload/")
+        scene = scene_of(data["captioning"], names)
+        (result,) = prediction.result
+        assert result["from_name"] == "caption" and result["to_name"] == "image"
+        assert result["type"] == "textarea" and result["value"] == {"text": [scene.caption]}
+        assert 0 < result["score"] <= 1 and 0 < prediction.score <= 1
+        assert prediction.model_version == version
+    check_no_duplicates(ls, project.id, predictions)
+
+
+def test_vqa_template_with_questions_in_task_data(ls, backend, version, scenes):
+    project = project_with_backend(ls, backend, "vqa", VQA)
+    batch = scenes[4:8]
+    tasks = [
+        {
+            "image": "data:image/png;base64," + base64.b64encode(png(s.image)).decode(),
+            "q1": s.qa[0].question,
+            "q2": s.qa[1].question,
+            "scene": i,
+        }
+        for i, s in enumerate(batch)
+    ]
+    ls.projects.import_tasks(id=project.id, request=tasks)
+    predictions = retrieve(ls, project.id)
+    assert len(predictions) == len(batch)
+    for data, prediction in by_task(ls, project.id, predictions).values():
+        scene = batch[data["scene"]]
+        got = {r["from_name"]: (r["to_name"], r["value"]["text"], r["score"]) for r in prediction.result}
+        assert set(got) == {"answer1", "answer2"}
+        for n in (1, 2):
+            to_name, text, score = got[f"answer{n}"]
+            assert to_name == f"q{n}" and text == [scene.qa[n - 1].answer] and 0 < score <= 1
+        assert prediction.model_version == version
+    check_no_duplicates(ls, project.id, predictions)
+
+
+def test_fixed_question_textarea_and_choices(ls, label_studio, backend, version, scenes):
+    project = project_with_backend(ls, backend, "fixed questions", FIXED)
+    chosen = [s for s in scenes if any(qa.question == HOW_MANY for qa in s.qa)][:3]
+    assert chosen
+    names = {f"count{i}.png": s for i, s in enumerate(chosen)}
+    upload(label_studio, project.id, {name: png(s.image) for name, s in names.items()})
+    predictions = retrieve(ls, project.id)
+    assert len(predictions) == len(names)
+    for data, prediction in by_task(ls, project.id, predictions).values():
+        scene = scene_of(data["image"], names)
+        count = next(qa.answer for qa in scene.qa if qa.question == HOW_MANY)
+        results = {r["from_name"]: r for r in prediction.result}
+        assert results["count_text"]["value"] == {"text": [count]}
+        assert results["count"]["type"] == "choices"
+        assert results["count"]["value"] == {"choices": ["3" if count == "three" else count]}
+        assert count in COUNTS and all(0 < r["score"] <= 1 for r in results.values())
+        assert prediction.model_version == version
+    check_no_duplicates(ls, project.id, predictions)
+
+
+def test_uploads_fetched_with_a_personal_access_token(ls, label_studio, pat_backend, version, scenes):
+    project = project_with_backend(ls, pat_backend, "captioning, PAT", CAPTIONING, basic_auth=False)
+    names = {f"pat{i}.png": s for i, s in enumerate(scenes[8:10])}
+    upload(label_studio, project.id, {name: png(s.image) for name, s in names.items()})
+    predictions = retrieve(ls, project.id)
+    assert len(predictions) == len(names)
+    for data, prediction in by_task(ls, project.id, predictions).values():
+        scene = scene_of(data["captioning"], names)
+        assert prediction.result[0]["value"] == {"text": [scene.caption]}
+        assert prediction.model_version == version

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from backend.manifest import ModelDirError
 
@@ -31,6 +34,21 @@ def parser() -> argparse.ArgumentParser:
         "--calibration-questions",
         metavar="FILE",
         help='questions: plain lines asked of every image, or JSONL {"image": path, "questions": [...]}',
+    )
+    cal.add_argument("--calibration-export", metavar="JSON", help="a Label Studio JSON export of your tasks")
+    cal.add_argument(
+        "--label-config", metavar="XML", help="the project's labeling config, for --calibration-export"
+    )
+    cal.add_argument("--project", type=int, help="a live Label Studio project id (with the URL and API key)")
+    cal.add_argument(
+        "--label-studio-url",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio URL, for --project or /data/upload URLs in an export [$LABEL_STUDIO_URL]",
+    )
+    cal.add_argument(
+        "--label-studio-api-key",
+        default=os.environ.get("LABEL_STUDIO_API_KEY"),
+        help="legacy token or personal access token [$LABEL_STUDIO_API_KEY]",
     )
     cal.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
@@ -62,6 +80,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def calibration_source(args: argparse.Namespace) -> Callable[[int], object]:
+    """The calibration data the flags ask for, as a function of the number of samples wanted."""
+    from model_build import calibration
+
+    seed = args.seed
+    chosen = [
+        f for f in ("calibration_images", "calibration_export", "project") if getattr(args, f) is not None
+    ]
+    if len(chosen) > 1:
+        parser().error(
+            "give one calibration source: " + ", ".join("--" + c.replace("_", "-") for c in chosen)
+        )
+    if args.calibration_images:
+        return lambda n: calibration.from_folder(args.calibration_images, n, seed, args.calibration_questions)
+    if args.calibration_export:
+        config = Path(args.label_config).read_text() if args.label_config else None
+        url, key = args.label_studio_url, args.label_studio_api_key
+        return lambda n: calibration.from_label_studio_export(
+            args.calibration_export, n, seed, config, url, key
+        )
+    if args.project is not None:
+        if not (args.label_studio_url and args.label_studio_api_key):
+            parser().error(
+                "--project needs --label-studio-url and --label-studio-api-key (or their env variables)"
+            )
+        url, key = args.label_studio_url, args.label_studio_api_key
+        return lambda n: calibration.from_label_studio_project(url, key, args.project, n, seed)
+    return lambda n: calibration.synthetic(n, seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # imported late so that --help answers without loading torch
@@ -72,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     from model_build.tiny_blip import CHECKPOINT_DIR
 
     source = str(CHECKPOINT_DIR) if args.source == "tiny" else args.source
-    if args.calibration_images:
-        folder, questions, seed = args.calibration_images, args.calibration_questions, args.seed
-        data = lambda n: calibration.from_folder(folder, n, seed, questions)  # noqa: E731
-    else:
-        data = lambda n: calibration.synthetic(n, args.seed)  # noqa: E731
+    try:
+        data = calibration_source(args)
+    except OSError as e:
+        parser().error(f"cannot read {e.filename}: {e.strerror}")
     try:
         quant = QuantSettings(
             subset_size=args.subset_size,

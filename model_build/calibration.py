@@ -5,6 +5,8 @@ few hundred of the project's own images, with the project's own questions. Sourc
 
 - a folder of images, optionally with a questions file: plain lines (each asked of every image)
   or JSONL lines `{"image": "relative/path.jpg", "questions": ["...", ...]}`;
+- a Label Studio JSON export, or a live Label Studio project: each task's image, and the questions
+  its labeling config asks of it (fixed `question="..."` attributes and questions in task data);
 - the built-in synthetic scenes, which only make sense for the bundled test model (with a warning).
 """
 
@@ -75,6 +77,99 @@ def from_folder(
     # the whole shuffled list, so that broken images are replaced by the next ones
     order = sample_paths([p.relative_to(folder).as_posix() for p in files], len(files), seed)
     return _load(((folder / rel, per_image.get(rel, everywhere)) for rel in order), f"folder {folder}", n)
+
+
+def from_label_studio_export(
+    path: str | Path,
+    n: int,
+    seed: int = 0,
+    label_config: str | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+) -> Calibration:
+    """Tasks of a Label Studio JSON export; image URLs are fetched like the backend fetches them."""
+    path = Path(path)
+    try:
+        tasks = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CalibrationError(f"{path}: not a readable Label Studio JSON export: {e}") from None
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "data" in t for t in tasks):
+        raise CalibrationError(f"{path}: expected a JSON list of tasks with a 'data' field (Export > JSON)")
+    return _from_tasks(tasks, f"Label Studio export {path}", n, seed, label_config, url, api_key, path.parent)
+
+
+def from_label_studio_project(url: str, api_key: str, project: int, n: int, seed: int = 0) -> Calibration:
+    """Tasks and labeling config of a live project, through label-studio-sdk."""
+    from label_studio_sdk.client import LabelStudio
+
+    client = LabelStudio(base_url=url, api_key=api_key)
+    try:
+        config = client.projects.get(id=project).label_config
+        tasks = [{"id": t.id, "data": t.data} for t in client.tasks.list(project=project, fields="all")]
+    except Exception as e:  # the SDK raises its own ApiError, httpx errors, ...
+        raise CalibrationError(f"cannot read project {project} from {url}: {type(e).__name__}: {e}") from None
+    return _from_tasks(tasks, f"Label Studio project {project} at {url}", n, seed, config, url, api_key, None)
+
+
+def _from_tasks(
+    tasks: list[dict],
+    source: str,
+    n: int,
+    seed: int,
+    label_config: str | None,
+    url: str | None,
+    api_key: str | None,
+    base: Path | None,
+) -> Calibration:
+    from backend.images import ImageError, ImageLoader
+    from backend.labeling import ConfigError, plan
+
+    try:
+        asks = plan(label_config).asks if label_config else ()
+    except ConfigError as e:
+        raise CalibrationError(f"{source}: {e}") from None
+    loader = ImageLoader(url, api_key)
+    order = list(range(len(tasks)))
+    random.Random(seed).shuffle(order)
+    calibration = Calibration([], source=source)
+    for i in order:
+        if len(calibration.samples) == n:
+            break
+        task = tasks[i]
+        data = task["data"]
+        field_name = asks[0].image_field if asks else _image_field(data)
+        origin = f"task {task.get('id', i)}"
+        value = data.get(field_name) if field_name else None
+        try:
+            local = _local_file(base, value)
+            image = open_rgb(local) if local else loader.load(value, task.get("id"))
+        except (ImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+            calibration.skipped[origin] = f"{type(e).__name__}: {e}"
+            continue
+        questions = [q for a in asks if a.kind != "caption" and (q := a.question_for(data))]
+        calibration.samples.append(Sample(image, questions, origin))
+    if not calibration.samples:
+        raise CalibrationError(f"{source}: none of the {len(calibration.skipped)} tasks had a readable image")
+    return calibration
+
+
+def _local_file(base: Path | None, value: object) -> Path | None:
+    """An export's image given as a path relative to the export file, if it is one."""
+    if base is None or not isinstance(value, str) or "://" in value or value.startswith(("data:", "/data/")):
+        return None
+    path = base / value
+    return path if path.is_file() else None
+
+
+def _image_field(data: dict) -> str | None:
+    """Without a labeling config: the first data field that looks like an image."""
+    for key, value in data.items():
+        if isinstance(value, str) and (
+            value.startswith(("data:image/", "/data/upload/", "/data/local-files/", "s3://", "gs://"))
+            or Path(value.split("?")[0]).suffix.lower() in IMAGE_SUFFIXES
+        ):
+            return key
+    return None
 
 
 def synthetic(n: int, seed: int = 0) -> Calibration:

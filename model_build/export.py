@@ -337,18 +337,15 @@ def _check_free_space(out: Path, needed: int) -> None:
 
 
 def _write(action: Callable[[], Any], where: Path) -> Any:
-    """Run a file-writing action, turning a full disk into a BuildError."""
+    """Run a file-writing action, turning a full disk into a BuildError that says so."""
     try:
         return action()
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:  # OpenVINO reports failed writes as RuntimeError
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if full or shutil.disk_usage(where).free < (16 << 20):
+            free = shutil.disk_usage(where).free / 2**20
             raise BuildError(
-                f"{where}: disk full while writing the model directory; free space and rebuild"
-            ) from None
-        raise
-    except RuntimeError as e:  # OpenVINO reports failed writes as RuntimeError
-        if "space" in str(e).lower():
-            raise BuildError(
-                f"{where}: disk full while writing the model directory; free space and rebuild"
+                f"{where}: disk full while writing the model directory ({free:.1f} MiB left); "
+                "free space and rebuild"
             ) from None
         raise

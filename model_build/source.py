@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, BlipForConditionalGeneration, BlipForQuestionAnswering
 
 SUPPORTED = {
@@ -60,7 +61,7 @@ def load_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
     try:
         model = model_class.from_pretrained(source, revision=revision, dtype=torch.float32)
         processor = AutoProcessor.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise BuildError(f"{source}: checkpoint files are missing or unreadable: {_first_line(e)}") from None
     model.eval()
     generation = {}

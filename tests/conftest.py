@@ -17,7 +17,7 @@ HELD_OUT = 200
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from model_build.export import build
 
-    return build(str(CHECKPOINT_DIR), tmp_path_factory.mktemp("tiny") / "model")
+    return build(str(CHECKPOINT_DIR), tmp_path_factory.mktemp("tiny") / "model", int8=False)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,10 @@ def test_unsupported_architecture(capsys, tmp_path: Path):
 
 def test_unknown_hub_id(capsys, tmp_path: Path, monkeypatch):
     # the hub is unreachable here; offline mode makes the same failure quick and deterministic anywhere
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     err = run_build(capsys, "no-such-owner/no-such-blip", "-o", str(tmp_path / "out"))
     assert "cannot load 'no-such-owner/no-such-blip' from the Hugging Face hub" in err
 

@@ -21,12 +21,12 @@ from model_build.tiny_blip import CHECKPOINT_DIR
 
 def test_build_prints_a_line_per_stage(tmp_path: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "model_build", "tiny", "-o", str(tmp_path / "m")],
+        [sys.executable, "-m", "model_build", "tiny", "-o", str(tmp_path / "m"), "--no-int8"],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    for stage in ("[1/4] loading", "[2/4] 1/4 vision", "[2/4] 4/4 decoder", "[3/4]", "[4/4]", "done in"):
+    for stage in ("[1/3] loading", "[2/3] exporting", "1/4 vision", "4/4 decoder", "[3/3]", "done in"):
         assert stage in result.stderr
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     for entry in manifest["parts"]["fp16"].values():
@@ -47,27 +47,28 @@ def caption_only(tmp_path_factory) -> tuple[Path, BlipForConditionalGeneration]:
     return folder, model
 
 
-def test_caption_only_checkpoint(caption_only, held_out, tmp_path: Path):
+def test_caption_only_checkpoint(caption_only, blip, held_out, tmp_path: Path):
     folder, model = caption_only
-    blip = Blip(build(str(folder), tmp_path / "m"))
-    assert blip.tasks == ["caption"]
-    assert "text_encoder" not in blip.manifest.data["parts"]["fp16"]
+    captioner = Blip(build(str(folder), tmp_path / "m", int8=False))
+    assert captioner.tasks == ["caption"]
+    assert "text_encoder" not in captioner.manifest.data["parts"]["fp16"]
     processor = AutoProcessor.from_pretrained(folder)
     images = [s.image for s in held_out[:8]]
     with torch.no_grad():
         expected = model.generate(**processor(images=images, return_tensors="pt"), max_new_tokens=20)
-    ours = blip.caption(images)
+    ours = captioner.caption(images)
     assert [g.text for g in ours] == processor.batch_decode(expected, skip_special_tokens=True)
-    assert [g.text for g in ours] == [s.caption for s in held_out[:8]]
+    # the same weights as the bundled VQA checkpoint, so the same captions as its build
+    assert [g.tokens for g in ours] == [g.tokens for g in blip.caption(images)]
     with pytest.raises(ValueError, match="cannot answer"):
-        blip.answer(images, [["what colour is the circle?"]] * len(images))
+        captioner.answer(images, [["what colour is the circle?"]] * len(images))
 
 
 @pytest.fixture(scope="module")
 def full_size(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("full")
     checkpoint = make_random_blip(root / "ckpt")
-    return checkpoint, build(str(checkpoint), root / "model")
+    return checkpoint, build(str(checkpoint), root / "model", int8=False)
 
 
 def test_full_size_random_blip_exports_and_decodes(full_size):

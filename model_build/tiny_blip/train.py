@@ -49,7 +49,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 HIDDEN_SIZE = 128
 MAX_TEXT_POSITIONS = 64
 
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 1500
 BATCH_SIZE = 64
 # Answers are learnt long before captions; training on a random subset of each scene's questions spends
 # the compute where it is needed (each question re-runs the text encoder over the image tokens).

@@ -14,16 +14,12 @@ import time
 
 import pytest
 from fake_files import FileServer, bomb_png
+from templates import CAPTIONING
 
 from backend.app import Settings, create_app
 from backend.labeling import DEFAULT_THRESHOLD
 from model_build.tiny_blip.synthetic import COLOURS, COUNTS, HELD_OUT_SEED, make_scenes
 
-CAPTIONING = (
-    '<View><Image name="image" value="$captioning"/><Header value="Describe the image:"/>'
-    '<TextArea name="caption" toName="image" placeholder="Enter description here..." rows="5" '
-    'maxSubmissions="1"/></View>'
-)
 # Label Studio's "Visual Question Answering" template, unchanged
 VQA = """<View>
   <Image name="image" value="$image"/>

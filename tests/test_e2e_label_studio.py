@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from templates import CAPTIONING
 
 from model_build.tiny_blip.synthetic import COUNTS, HELD_OUT_SEED, make_scenes
 
@@ -31,11 +32,6 @@ USER, PASSWORD = "admin@example.com", "admin-pass-123"
 BACKEND_USER, BACKEND_PASS = "ls-backend", "backend-pass-456"
 HOW_MANY = "how many objects are there?"
 
-CAPTIONING = (
-    '<View><Image name="image" value="$captioning"/><Header value="Describe the image:"/>'
-    '<TextArea name="caption" toName="image" placeholder="Enter description here..." rows="5" '
-    'maxSubmissions="1"/></View>'
-)
 VQA = """<View>
   <Image name="image" value="$image"/>
   <Header value="Q1: Please answer the question:"/>

@@ -24,6 +24,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model directory to write")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--force", action="store_true", help="replace an existing build in the output folder")
+    p.add_argument(
+        "--skip-if-built",
+        action="store_true",
+        help="do nothing when the output folder already holds a complete build of the same source, "
+        "revision and settings (with --force, replace any other build)",
+    )
     p.add_argument("--no-int8", action="store_true", help="FP16 only")
 
     cal = p.add_argument_group("INT8 calibration data (default: built-in synthetic shapes, test model only)")
@@ -113,7 +119,7 @@ def calibration_source(args: argparse.Namespace) -> Callable[[int], object]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # imported late so that --help answers without loading torch
-    from model_build import calibration
+    from model_build import calibration, reuse
     from model_build.export import QualityGateError, build
     from model_build.quantize import QuantSettings
     from model_build.source import BuildError
@@ -135,11 +141,31 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         parser().error(str(e))
+    wanted = reuse.requested(args, source, quant.describe())
+    if args.skip_if_built:
+        manifest, why = reuse.recorded(args.output)
+        diffs = reuse.differences(manifest["build"], wanted) if manifest else [why]
+        if not diffs:
+            print(f"model directory {args.output} is up to date ({_describe(wanted)}): nothing to do")
+            gate = (manifest.get("int8") or {}).get("gate")
+            if gate and not gate["passed"]:
+                print(
+                    f"blip-build: INT8 agreed with FP16 on {gate['value']:.1%} of held-out asks, below "
+                    f"--min-agreement {gate['min_agreement']:.1%}; {args.output} serves FP16",
+                    file=sys.stderr,
+                )
+                return 3
+            return 0
+        if Path(args.output).exists():
+            print(f"blip-build: (re)building {args.output}: {'; '.join(diffs)}", file=sys.stderr)
+    # a hub revision is built at the commit it resolved to, the one recorded
+    resolved = wanted["resolved"]
+    revision = resolved if resolved and not resolved.startswith("sha256:") else args.revision
     try:
         build(
             source,
             args.output,
-            revision=args.revision,
+            revision=revision,
             force=args.force,
             int8=not args.no_int8,
             calibration=data,
@@ -147,12 +173,19 @@ def main(argv: list[str] | None = None) -> int:
             min_agreement=args.min_agreement,
         )
     except QualityGateError as e:
+        reuse.record(args.output, wanted)  # complete, with INT8 marked not to be served
         print(f"blip-build: {e}", file=sys.stderr)
         return 3
     except (BuildError, ModelDirError, calibration.CalibrationError) as e:
         print(f"blip-build: error: {e}", file=sys.stderr)
         return 2
+    reuse.record(args.output, wanted)
     return 0
+
+
+def _describe(wanted: dict) -> str:
+    revision = wanted["resolved"] or wanted["revision"] or "default revision"
+    return f"{wanted['source']} @ {revision[:19]}, " + ("FP16 + INT8" if wanted["int8"] else "FP16 only")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ class Settings:
 
     model_dir: str | None = None
     device: str = "CPU"
-    precision: str | None = None  # None: int8 when the model directory has it, else fp16
+    precision: str | None = None  # None: int8 when the model directory has it and its gate passed, else fp16
+    threads: int | None = None  # OpenVINO inference threads (None: OpenVINO's choice)
+    inference_precision: str | None = None  # OpenVINO execution precision (None: Blip's default)
     label_studio_url: str | None = None
     api_key: str | None = None
     basic_auth_user: str | None = None
@@ -46,11 +48,22 @@ class Settings:
             model_dir=env("MODEL_DIR") or None,
             device=env("DEVICE") or "CPU",
             precision=env("PRECISION") or None,
+            threads=_positive_int("INFERENCE_THREADS"),
+            inference_precision=env("INFERENCE_PRECISION") or None,
             label_studio_url=env("LABEL_STUDIO_URL") or env("LABEL_STUDIO_HOST") or None,
             api_key=env("LABEL_STUDIO_API_KEY") or env("LABEL_STUDIO_ACCESS_TOKEN") or None,
             basic_auth_user=env("BASIC_AUTH_USER") or None,
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
         )
+
+
+def _positive_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -81,11 +94,13 @@ class Metrics:
 def load_blip(settings: Settings) -> Blip:
     if not settings.model_dir:
         raise RuntimeError("MODEL_DIR is not set: point it at a model directory built by `blip-build`")
-    from backend.manifest import load_manifest
-
-    precisions = load_manifest(settings.model_dir, verify_hashes=False).precisions
-    precision = settings.precision or ("int8" if "int8" in precisions else "fp16")
-    return Blip(Path(settings.model_dir), device=settings.device, precision=precision)
+    return Blip(
+        Path(settings.model_dir),
+        device=settings.device,
+        precision=settings.precision or "auto",  # auto: INT8 only if the build's agreement gate passed
+        threads=settings.threads,
+        inference_precision=settings.inference_precision,
+    )
 
 
 def create_app(

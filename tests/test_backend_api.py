@@ -485,3 +485,21 @@ def test_serve_runs_gunicorn_with_the_environment(monkeypatch, tmp_path, capsys)
     monkeypatch.delenv("MODEL_DIR", raising=False)
     assert main(["serve"]) == 2 and "MODEL_DIR" in capsys.readouterr().err
     assert main(["serve", "--model-dir", str(tmp_path)]) == 2 and "manifest.json" in capsys.readouterr().err
+
+
+def test_openvino_threads_and_precision_from_the_environment(monkeypatch, tiny_dir):
+    monkeypatch.setenv("INFERENCE_THREADS", "1")
+    import openvino as ov
+
+    # bf16, not the default f32, so the assertion below can only hold if the variable was read
+    bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    monkeypatch.setenv("INFERENCE_PRECISION", "bf16" if bf16 else "f32")
+    app = create_app(tiny_dir)
+    predictor = app.config["predictor"]
+    assert predictor.blip.threads == 1
+    compiled = predictor.blip._parts["vision"]
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == ("bf16" if bf16 else "f32")
+    monkeypatch.setenv("INFERENCE_THREADS", "two")
+    with pytest.raises(ValueError, match="INFERENCE_THREADS must be a positive whole number, got 'two'"):
+        Settings.from_env()

@@ -80,6 +80,11 @@ def test_impossible_min_agreement_fails_and_leaves_int8_unserved(image_folder: P
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["int8"]["serve"] is False
     assert Blip(out).precision == "fp16"
+    # and the backend, given no PRECISION, serves FP16 too
+    from backend.app import Settings, create_app
+
+    health = create_app(out, settings=Settings()).test_client().get("/health").get_json()
+    assert health["precision"] == "fp16"
 
 
 def test_evaluation_command_reproduces_the_accuracy(int8_dir: Path, held_out, tmp_path: Path, capsys):

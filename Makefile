@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= .cache/models/tiny
 SAMPLES := model_build/tiny_blip/samples
 
-.PHONY: test demo lint clean serve
+.PHONY: test demo lint clean serve bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ $(MODEL_DIR)/manifest.json: | $(VENV)/.installed-build
 demo: $(VENV)/.installed-build $(MODEL_DIR)/manifest.json
 	$(BIN)/blip-backend ask --model-dir $(MODEL_DIR) $(SAMPLES)/*.png \
 		-q "how many objects are there?" -q "what shape is on the left?" -q "is there a red circle?"
+
+# Speed side by side (PyTorch eager, notebook-style OpenVINO INT8, this project): see bench/run.py.
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

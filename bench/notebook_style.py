@@ -1,0 +1,124 @@
+"""The reference to beat: BLIP on OpenVINO INT8 the way the OpenVINO notebook runs it.
+
+Three IRs, as in the notebook ("Visual Question Answering and Image Captioning using BLIP and
+OpenVINO"): vision encoder, text encoder, and a text decoder with a self-attention cache that takes
+the encoder states at every step, so each generated token recomputes the cross-attention keys and
+values over all 577 image tokens (or the question tokens). Every call runs the vision encoder
+again: a caption and three questions about one image encode that image four times.
+
+INT8 as in the notebook and the seed: the encoders are the same NNCF-quantized IRs this project
+builds (same calibration, same settings), the decoder gets INT8_ASYM weight compression. Decoding is
+a plain numpy greedy loop, one question at a time; the notebook wraps the IR in transformers'
+`generate`, which only adds overhead, so speed-ups over this reference are conservative.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nncf
+import numpy as np
+import openvino as ov
+import torch
+from PIL import Image
+from torch import nn
+
+from backend.blip import Blip, ov_config
+from backend.preprocess import pixel_values
+from model_build.graphs import CrossKV, DecoderStep
+
+
+class DecoderWithCrossAttention(nn.Module):
+    """(input_ids, past_kv, encoder_states, encoder_mask) -> (logits, present_kv): K/V recomputed per step."""
+
+    def __init__(self, text_decoder: nn.Module) -> None:
+        super().__init__()
+        self.cross_kv = CrossKV(text_decoder)
+        self.step = DecoderStep(text_decoder)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_kv: torch.Tensor,
+        encoder_states: torch.Tensor,
+        encoder_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(input_ids, past_kv, self.cross_kv(encoder_states), encoder_mask)
+
+
+def export_decoder(model: nn.Module, out: Path) -> Path:
+    """The notebook's decoder IR, FP16 weights compressed to INT8_ASYM; returns the xml path."""
+    cfg = model.config.text_config
+    layers, heads, width = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
+    head_size = width // heads
+    f32, i64 = ov.Type.f32, ov.Type.i64
+    with torch.no_grad():
+        ov_model = ov.convert_model(
+            DecoderWithCrossAttention(model.text_decoder).eval(),
+            example_input=(
+                torch.ones(2, 1, dtype=torch.int64),
+                torch.zeros(layers, 2, 2, heads, 3, head_size),
+                torch.zeros(2, 5, model.config.vision_config.hidden_size),
+                torch.ones(2, 5, dtype=torch.int64),
+            ),
+            input=[
+                ("input_ids", [-1, -1], i64),
+                ("past_kv", [layers, 2, -1, heads, -1, head_size], f32),
+                ("encoder_states", [-1, -1, model.config.vision_config.hidden_size], f32),
+                ("encoder_mask", [-1, -1], i64),
+            ],
+        )
+    for port, name in zip(ov_model.outputs, ("logits", "present_kv")):
+        port.get_tensor().set_names({name})
+    ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    out.mkdir(parents=True, exist_ok=True)
+    xml = out / "decoder_with_cross_attention.xml"
+    ov.save_model(ov_model, xml, compress_to_fp16=True)
+    return xml
+
+
+class NotebookPipeline:
+    """caption(image) and answer(image, question), each a separate call starting from pixels."""
+
+    def __init__(self, model_dir: Path, decoder_xml: Path, threads: int | None) -> None:
+        blip = Blip(model_dir, precision="int8", threads=threads)  # tokenizer, settings, token ids
+        self.codec, self.image_settings, self.tokens = blip.text_codec, blip.image_settings, blip.tokens
+        text = blip.manifest.data["text"]
+        self.past_shape = (text["layers"], 2, 1, text["heads"], 0, text["head_size"])  # batch 1, empty
+        core = ov.Core()
+        config = ov_config("CPU", threads, None)
+        xml = lambda part: blip.manifest.part_xml("int8", part)  # noqa: E731
+        self.vision = core.compile_model(xml("vision"), "CPU", config)
+        self.text_encoder = core.compile_model(xml("text_encoder"), "CPU", config)
+        self.decoder = core.compile_model(decoder_xml, "CPU", config)
+
+    def _greedy(self, states: np.ndarray, mask: np.ndarray, new_tokens: int, stop: bool) -> list[int]:
+        request = self.decoder.create_infer_request()
+        past = np.zeros(self.past_shape, np.float32)
+        ids = np.array([[self.tokens["decoder_start"]]], np.int64)
+        out: list[int] = []
+        for _ in range(new_tokens):  # the benchmark forces the length (stop=False) for every contender
+            result = request.infer(
+                {"input_ids": ids, "past_kv": past, "encoder_states": states, "encoder_mask": mask}
+            )
+            logits, past = result["logits"], result["present_kv"]
+            next_id = int(logits[0, -1].argmax())
+            out.append(next_id)
+            if stop and next_id == self.tokens["eos"]:
+                break
+            ids = np.array([[next_id]], np.int64)
+        return out
+
+    def _image(self, image: Image.Image) -> np.ndarray:
+        return self.vision({"pixel_values": pixel_values([image], self.image_settings)})[0]
+
+    def caption(self, image: Image.Image, new_tokens: int = 20, stop: bool = False) -> str:
+        embeds = self._image(image)
+        mask = np.ones(embeds.shape[:2], np.int64)
+        return self.codec.decode(self._greedy(embeds, mask, new_tokens, stop))
+
+    def answer(self, image: Image.Image, question: str, new_tokens: int = 10, stop: bool = False) -> str:
+        embeds = self._image(image)
+        ids, mask = self.codec.encode([question])
+        q = self.text_encoder({"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})[0]
+        return self.codec.decode(self._greedy(q, mask, new_tokens, stop))

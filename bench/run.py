@@ -1,0 +1,364 @@
+"""Speed, side by side in one run: PyTorch eager, a notebook-style OpenVINO INT8 pipeline, this project.
+
+    make bench                                  # = .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --checkpoint ./blip-vqa-base   # a real checkpoint folder instead
+
+Without --checkpoint the model is a random-weight BLIP with blip-vqa-base's architecture
+(model_build/random_blip.py; the Hugging Face hub is out of reach here): it says nothing about
+quality, everything about speed. Every contender gets the same image, the same questions and the
+same generation lengths (20 new tokens per caption, 10 per answer, forced: random weights would
+otherwise stop at arbitrary points), on the same number of threads; times are medians over
+--repeats runs after a warm-up.
+
+Contenders: (1) transformers PyTorch eager, written as a user would: a caption from the decoder on
+the image embeddings, each question through `BlipForQuestionAnswering.generate`; (2) the notebook-style
+OpenVINO INT8 pipeline of bench/notebook_style.py; (3) this project FP16 and (4) INT8 (backend.blip.Blip
+with its defaults). Workloads: vision encoder; caption; one question; a pre-labeling task (caption +
+3 questions about one image); 16 such tasks through the real backend (`/predict` under gunicorn) as
+tasks/s with the serving process's peak RSS; and the build itself (export + INT8 on 300 calibration
+samples). Results are printed and written to --out as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from backend.blip import Blip  # noqa: E402
+from model_build.calibration import synthetic  # noqa: E402
+from model_build.export import build  # noqa: E402
+from model_build.quantize import QuantSettings  # noqa: E402
+
+QUESTIONS = ("what is in the picture?", "how many people are there?", "is it raining?")
+CAPTION_TOKENS, ANSWER_TOKENS = 20, 10
+CONTENDERS = ("pytorch", "notebook_int8", "fp16", "int8")
+WORKLOADS = ("vision", "caption", "question", "task")
+TASK_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="caption" toName="image"/>
+  <TextArea name="q1" toName="image" question="{}"/>
+  <TextArea name="q2" toName="image" question="{}"/>
+  <TextArea name="q3" toName="image" question="{}"/>
+</View>""".format(*QUESTIONS)
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first inference compiles kernels and allocates
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- contenders: name -> workload -> callable ------------------------------------------------------
+
+
+def pytorch_workloads(checkpoint: Path, image: Image.Image, threads: int) -> dict[str, Callable[[], object]]:
+    from transformers import AutoProcessor, BlipForQuestionAnswering
+
+    torch.set_num_threads(threads)
+    model = BlipForQuestionAnswering.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    tcfg = model.config.text_config
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    forced = {"do_sample": False, "num_beams": 1}
+
+    @torch.no_grad()
+    def vision():
+        return model.vision_model(pixel_values=pixels).last_hidden_state
+
+    @torch.no_grad()
+    def caption():
+        embeds = vision()
+        return model.text_decoder.generate(
+            input_ids=torch.tensor([[tcfg.bos_token_id]]),
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            eos_token_id=tcfg.sep_token_id,
+            pad_token_id=tcfg.pad_token_id,
+            min_new_tokens=CAPTION_TOKENS,
+            max_new_tokens=CAPTION_TOKENS,
+            **forced,
+        )
+
+    @torch.no_grad()
+    def question(q: str = QUESTIONS[0]):
+        inputs = processor(images=[image], text=[q], return_tensors="pt")
+        return model.generate(**inputs, min_new_tokens=ANSWER_TOKENS, max_new_tokens=ANSWER_TOKENS, **forced)
+
+    def task():
+        caption()
+        for q in QUESTIONS:
+            question(q)
+
+    return {"vision": vision, "caption": caption, "question": question, "task": task}
+
+
+def notebook_workloads(pipeline, image: Image.Image) -> dict[str, Callable[[], object]]:
+    def task():
+        pipeline.caption(image, CAPTION_TOKENS)
+        for q in QUESTIONS:
+            pipeline.answer(image, q, ANSWER_TOKENS)
+
+    return {
+        "vision": lambda: pipeline._image(image),
+        "caption": lambda: pipeline.caption(image, CAPTION_TOKENS),
+        "question": lambda: pipeline.answer(image, QUESTIONS[0], ANSWER_TOKENS),
+        "task": task,
+    }
+
+
+def project_workloads(blip: Blip, image: Image.Image) -> dict[str, Callable[[], object]]:
+    caption = {"min_new_tokens": CAPTION_TOKENS, "max_new_tokens": CAPTION_TOKENS}
+    answer = {"min_new_tokens": ANSWER_TOKENS, "max_new_tokens": ANSWER_TOKENS}
+
+    def task():
+        embeds = blip.encode([image])  # once for the caption and all three questions
+        blip.caption(embeds, **caption)
+        blip.answer(embeds, [list(QUESTIONS)], **answer)
+
+    return {
+        "vision": lambda: blip.encode([image]),
+        "caption": lambda: blip.caption([image], **caption),
+        "question": lambda: blip.answer([image], [[QUESTIONS[0]]], **answer),
+        "task": task,
+    }
+
+
+# -- the real backend ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process and its children, the model-holding worker included."""
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    peak = 0
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
+def backend_throughput(
+    model_dir: Path, precision: str, image: Image.Image, threads: int, repeats: int, n_tasks: int
+) -> dict[str, float]:
+    """tasks/s of POST /predict (caption + 3 questions per task) under gunicorn, and its peak RSS."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(model_dir),
+        "PRECISION": precision,
+        "INFERENCE_THREADS": str(threads),
+    }
+    exe = Path(sys.executable).with_name("blip-backend")
+    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the backend did not start: {' '.join(cmd)}")
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {
+            "tasks": [{"id": i, "data": {"image": data_uri}} for i in range(n_tasks)],
+            "label_config": TASK_CONFIG,
+            "project": "1.0",
+        }
+
+        def predict():
+            r = requests.post(f"{url}/predict", json=body, timeout=600)
+            r.raise_for_status()
+            results = r.json()["results"]
+            assert len(results) == n_tasks and all(len(x["result"]) == 4 for x in results), results[:1]
+
+        seconds = median_ms(predict, repeats) / 1000
+        return {"tasks_per_s": n_tasks / seconds, "peak_rss_mib": peak_rss_mib(proc.pid)}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in ln
+        ),
+        platform.processor(),
+    )
+    from importlib.metadata import version
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        **{p: version(p) for p in ("openvino", "nncf", "torch", "transformers")},
+    }
+
+
+def table(results: dict) -> str:
+    ms = results["ms"]
+    lines = [
+        f"{'median ms, 1 image':<22}"
+        + "".join(f"{c:>15}" for c in CONTENDERS)
+        + f"{'vs PyTorch':>12}"
+        + f"{'vs notebook':>13}"
+    ]
+    for w in WORKLOADS:
+        row = ms[w]
+        ratio_pt = row["pytorch"] / row["int8"]
+        ratio_nb = row["notebook_int8"] / row["int8"]
+        label = {"task": "task (caption + 3 q)"}.get(w, w)
+        lines.append(
+            f"{label:<22}"
+            + "".join(f"{row[c]:>15.0f}" for c in CONTENDERS)
+            + f"{ratio_pt:>11.1f}x{ratio_nb:>12.1f}x"
+        )
+    lines.append("(ratios: this project's INT8 against the column's contender)")
+    for precision, b in results["backend"].items():
+        lines.append(
+            f"/predict, {results['tasks']} tasks, {precision}: {b['tasks_per_s']:.2f} tasks/s, "
+            f"peak RSS {b['peak_rss_mib']:.0f} MiB"
+        )
+    lines.append(
+        f"build (export + INT8, {results['calibration']} calibration samples): {results['build_s']:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="a BLIP VQA checkpoint folder (default: random weights)")
+    p.add_argument("--work", type=Path, default=REPO / ".cache" / "bench", help="where models are built")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--calibration", type=int, default=300, help="INT8 calibration samples")
+    p.add_argument("--tasks", type=int, default=16, help="tasks per /predict request")
+    p.add_argument("--smoke", action="store_true", help="tiny test model, one repeat: checks the bench runs")
+    args = p.parse_args(argv)
+
+    if args.smoke:
+        from model_build.tiny_blip import CHECKPOINT_DIR
+
+        args.checkpoint, args.repeats, args.calibration, args.tasks = CHECKPOINT_DIR, 1, 20, 2
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from model_build.random_blip import make_random_blip
+
+        checkpoint = args.work / "random-blip-vqa"
+        if not (checkpoint / "config.json").exists():
+            log(f"making a random-weight BLIP with blip-vqa-base's shapes in {checkpoint}")
+            make_random_blip(checkpoint)
+    model_dir = args.work / "model"
+
+    log(f"building {checkpoint} -> {model_dir} (FP16 + INT8, {args.calibration} calibration samples)")
+    t0 = time.perf_counter()
+    build(
+        str(checkpoint),
+        model_dir,
+        force=True,
+        calibration=synthetic,
+        quant=QuantSettings(subset_size=args.calibration),
+    )
+    build_s = time.perf_counter() - t0
+
+    from notebook_style import NotebookPipeline, export_decoder
+    from transformers import BlipForQuestionAnswering
+
+    log("exporting the notebook-style decoder (cross-attention recomputed each step)")
+    decoder_xml = export_decoder(
+        BlipForQuestionAnswering.from_pretrained(checkpoint, dtype=torch.float32).eval(),
+        args.work / "notebook",
+    )
+
+    side = Blip(model_dir, precision="fp16").image_settings["height"]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    contenders = {
+        "pytorch": lambda: pytorch_workloads(checkpoint, image, args.threads),
+        "notebook_int8": lambda: notebook_workloads(
+            NotebookPipeline(model_dir, decoder_xml, args.threads), image
+        ),
+        "fp16": lambda: project_workloads(Blip(model_dir, precision="fp16", threads=args.threads), image),
+        "int8": lambda: project_workloads(Blip(model_dir, precision="int8", threads=args.threads), image),
+    }
+    ms: dict[str, dict[str, float]] = {w: {} for w in WORKLOADS}
+    for name, make in contenders.items():
+        workloads = make()
+        for w in WORKLOADS:
+            ms[w][name] = median_ms(workloads[w], args.repeats)
+            log(f"{name:<14} {w:<9} {ms[w][name]:>9.1f} ms")
+        del workloads
+
+    backend = {}
+    for precision in ("int8", "fp16"):
+        backend[precision] = backend_throughput(
+            model_dir, precision, image, args.threads, args.repeats, args.tasks
+        )
+        log(f"/predict {precision}: {backend[precision]}")
+
+    results = {
+        "checkpoint": "random weights, blip-vqa-base shapes" if args.checkpoint is None else str(checkpoint),
+        "machine": machine(),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "lengths": {"caption": CAPTION_TOKENS, "answer": ANSWER_TOKENS},
+        "ms": ms,
+        "backend": backend,
+        "tasks": args.tasks,
+        "build_s": build_s,
+        "calibration": args.calibration,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

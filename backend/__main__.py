@@ -1,5 +1,6 @@
 """`blip-backend ask`: caption images and answer questions from the command line.
-`blip-backend serve`: run the Label Studio ML backend under gunicorn."""
+`blip-backend serve`: run the Label Studio ML backend under gunicorn.
+`blip-backend prelabel`: predict a whole Label Studio project through its API (resumable; Ray optional)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,15 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--model-dir", default=os.environ.get("MODEL_DIR"), help="model directory [$MODEL_DIR]"
+    )
+    from backend import prelabel
+
+    prelabel.add_arguments(
+        sub.add_parser(
+            "prelabel",
+            help="predict a whole Label Studio project (or view) through its API, resumably",
+            description=prelabel.__doc__.split("\n\n")[0],
+        )
     )
     return p
 
@@ -114,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "prelabel":
+        from backend import prelabel
+
+        return prelabel.main(args)
     if not args.model_dir:
         print(
             "blip-backend: error: no model directory: pass --model-dir or set MODEL_DIR "

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from label_studio_server import label_studio, ls  # noqa: F401 (session fixtures)
 
 from model_build.tiny_blip import CHECKPOINT_DIR
 from model_build.tiny_blip.synthetic import HELD_OUT_SEED, make_scenes

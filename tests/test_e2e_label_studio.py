@@ -4,31 +4,26 @@ For each supported template a project is created, the backend connected, images 
 tasks hold `/data/upload/...` URLs the backend must fetch with its API key) or imported as JSON, and
 "Retrieve predictions" run. The stored predictions are read back: they must be the tiny model's correct
 captions and answers, with scores and the backend's model_version, and a second retrieval must not add
-duplicates. Label Studio starts once for the module (a fresh sqlite database migrates for ~25 s).
+duplicates. Label Studio starts once per test session (tests/label_studio_server.py).
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+from label_studio_server import PASSWORD, USER, free_port, png, stop, upload, wait_for
 from templates import CAPTIONING
 
 from model_build.tiny_blip.synthetic import COUNTS, HELD_OUT_SEED, make_scenes
 
 REPO = Path(__file__).resolve().parents[1]
-USER, PASSWORD = "admin@example.com", "admin-pass-123"
 BACKEND_USER, BACKEND_PASS = "ls-backend", "backend-pass-456"
 HOW_MANY = "how many objects are there?"
 
@@ -49,78 +44,6 @@ FIXED = f"""<View>
     <Choice value="one"/><Choice value="two"/><Choice value="three" alias="3"/>
   </Choices>
 </View>"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float, **kw) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{url}: process exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if requests.get(url, timeout=2, **kw).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} not ready after {seconds} s:\n{log.read_text()[-4000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process group we created: server + its children
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """(base URL, legacy API token) of a Label Studio started for this module."""
-    root = tmp_path_factory.mktemp("label-studio")
-    port = free_port()
-    token = secrets.token_hex(20)
-    env = {
-        **os.environ,
-        "HOME": str(root / "home"),
-        "LABEL_STUDIO_BASE_DATA_DIR": str(root / "data"),
-        "LABEL_STUDIO_USERNAME": USER,
-        "LABEL_STUDIO_PASSWORD": PASSWORD,
-        "LABEL_STUDIO_USER_TOKEN": token,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
-        "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
-        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
-        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
-        "LABEL_STUDIO_SENTRY_DSN": "",
-        "SENTRY_DSN": "",
-    }
-    (root / "home").mkdir()
-    exe = Path(sys.executable).with_name("label-studio")
-    exe = str(exe) if exe.exists() else shutil.which("label-studio")
-    assert exe, "the label-studio command is not installed (pip install -e '.[test]')"
-    log = root / "label-studio.log"
-    url = f"http://127.0.0.1:{port}"
-    cmd = [exe, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port), "--host", url]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(f"{url}/health", proc, log, 240)
-        # Label Studio silently moves to another port when ours is taken: make sure this one is ours
-        who = requests.get(
-            f"{url}/api/current-user/whoami", headers={"Authorization": f"Token {token}"}, timeout=10
-        )
-        assert who.status_code == 200 and who.json()["email"] == USER, who.text
-        yield url, token
-    finally:
-        stop(proc)
 
 
 def serve_backend(tiny_dir: Path, log: Path, **env_vars: str):
@@ -211,14 +134,6 @@ def pat_backend(label_studio, tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ls(label_studio):
-    from label_studio_sdk.client import LabelStudio
-
-    url, token = label_studio
-    return LabelStudio(base_url=url, api_key=token)
-
-
-@pytest.fixture(scope="module")
 def health(backend):
     return requests.get(f"{backend}/health", auth=(BACKEND_USER, BACKEND_PASS), timeout=5).json()
 
@@ -248,29 +163,11 @@ def scenes(health, tiny_dir):
     return good
 
 
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def project_with_backend(ls, backend: str, title: str, config: str, basic_auth: bool = True):
     project = ls.projects.create(title=title, label_config=config)
     auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": BACKEND_USER, "basic_auth_pass": BACKEND_PASS}
     ls.ml.create(project=project.id, url=backend, title="BLIP", **(auth if basic_auth else {}))
     return project
-
-
-def upload(label_studio, project_id: int, files: dict[str, bytes]) -> None:
-    url, token = label_studio
-    response = requests.post(
-        f"{url}/api/projects/{project_id}/import",
-        headers={"Authorization": f"Token {token}"},
-        # one form field per file: Label Studio keeps only the last file of a repeated field name
-        files=[(name, (name, data, "image/png")) for name, data in files.items()],
-        timeout=60,
-    )
-    assert response.status_code == 201, response.text
 
 
 def retrieve(ls, project_id: int) -> list:
@@ -368,3 +265,26 @@ def test_uploads_fetched_with_a_personal_access_token(ls, label_studio, pat_back
         scene = scene_of(data["captioning"], names)
         assert prediction.result[0]["value"] == {"text": [scene.caption]}
         assert prediction.model_version == version
+
+
+def test_int8_calibrated_on_a_live_project(ls, label_studio, tmp_path):
+    """`blip-build --project`: the uploaded images and the fixed question of a live project calibrate INT8."""
+    from model_build.__main__ import main as build
+
+    url, token = label_studio
+    project = ls.projects.create(title="calibration", label_config=FIXED)
+    pool = make_scenes(23, seed=79)  # + 1 broken task = 24 = --subset-size 20 + 4 held out: all are read
+    upload(label_studio, project.id, {f"cal{i}.png": png(s.image) for i, s in enumerate(pool)})
+    ls.projects.import_tasks(id=project.id, request=[{"image": "http://127.0.0.1:9/gone.png"}])
+    gone = next(t.id for t in ls.tasks.list(project=project.id) if t.data["image"].startswith("http"))
+    out = tmp_path / "model"
+    args = ["tiny", "-o", str(out), "--subset-size", "20", "--project", str(project.id)]
+    args += ["--label-studio-url", url, "--label-studio-api-key", token, "--min-agreement", "0.95"]
+    assert build(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["source"] == f"Label Studio project {project.id} at {url}"
+    assert (calibration["samples"], calibration["held_out"]) == (19, 4)
+    assert list(calibration["skipped"]) == [f"task {gone}"]
+    assert report["agreement"]["answer_agreement"] >= 0.95
+    assert json.loads((out / "manifest.json").read_text())["int8"]["serve"] is True

@@ -13,27 +13,15 @@ model_build/random_blip.py), and held-out answer and caption accuracy of the tin
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from backend.blip import Blip
+from model_build.report import median_ms
 
 HINTS = ("f32", "bf16")
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def speed(model_dir: Path, precision: str, hint: str, repeats: int) -> dict[str, float]:

@@ -47,6 +47,7 @@ from backend.blip import Blip  # noqa: E402
 from model_build.calibration import synthetic  # noqa: E402
 from model_build.export import build  # noqa: E402
 from model_build.quantize import QuantSettings  # noqa: E402
+from model_build.report import median_ms  # noqa: E402
 
 QUESTIONS = ("what is in the picture?", "how many people are there?", "is it raining?")
 CAPTION_TOKENS, ANSWER_TOKENS = 20, 10
@@ -61,14 +62,22 @@ TASK_CONFIG = """<View>
 </View>""".format(*QUESTIONS)
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first inference compiles kernels and allocates
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+def side_by_side(contenders: dict[str, dict[str, Callable[[], object]]], repeats: int) -> dict:
+    """workload -> contender -> median ms. Contenders take turns within each repeat, so a change in
+    the machine's load during the run touches all of them alike instead of skewing one column."""
+    ms: dict[str, dict[str, float]] = {}
+    for w in WORKLOADS:
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for workloads in contenders.values():
+            workloads[w]()  # warm-up: first inference compiles kernels and allocates
+        for _ in range(repeats):
+            for name, workloads in contenders.items():
+                t0 = time.perf_counter()
+                workloads[w]()
+                times[name].append((time.perf_counter() - t0) * 1000)
+        ms[w] = {name: statistics.median(t) for name, t in times.items()}
+        log(f"{w:<9} " + "  ".join(f"{name} {v:.1f} ms" for name, v in ms[w].items()))
+    return ms
 
 
 def log(msg: str) -> None:
@@ -153,6 +162,16 @@ def project_workloads(blip: Blip, image: Image.Image) -> dict[str, Callable[[], 
 # -- the real backend ------------------------------------------------------------------------------
 
 
+def random_image(side: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,7 +193,7 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def backend_throughput(
-    model_dir: Path, precision: str, image: Image.Image, threads: int, repeats: int, n_tasks: int
+    model_dir: Path, precision: str, side: int, threads: int, repeats: int, n_tasks: int
 ) -> dict[str, float]:
     """tasks/s of POST /predict (caption + 3 questions per task) under gunicorn, and its peak RSS."""
     port = free_port()
@@ -197,11 +216,11 @@ def backend_throughput(
                 time.sleep(0.5)
         else:
             raise RuntimeError(f"the backend did not start: {' '.join(cmd)}")
-        buf = io.BytesIO()
-        image.save(buf, "PNG")
-        data_uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        # a different image per task: the backend fetches and encodes each distinct image once
         body = {
-            "tasks": [{"id": i, "data": {"image": data_uri}} for i in range(n_tasks)],
+            "tasks": [
+                {"id": i, "data": {"image": data_uri(random_image(side, seed=i))}} for i in range(n_tasks)
+            ],
             "label_config": TASK_CONFIG,
             "project": "1.0",
         }
@@ -318,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     side = Blip(model_dir, precision="fp16").image_settings["height"]
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    image = random_image(side, seed=0)
     contenders = {
         "pytorch": lambda: pytorch_workloads(checkpoint, image, args.threads),
         "notebook_int8": lambda: notebook_workloads(
@@ -327,18 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         "fp16": lambda: project_workloads(Blip(model_dir, precision="fp16", threads=args.threads), image),
         "int8": lambda: project_workloads(Blip(model_dir, precision="int8", threads=args.threads), image),
     }
-    ms: dict[str, dict[str, float]] = {w: {} for w in WORKLOADS}
-    for name, make in contenders.items():
-        workloads = make()
-        for w in WORKLOADS:
-            ms[w][name] = median_ms(workloads[w], args.repeats)
-            log(f"{name:<14} {w:<9} {ms[w][name]:>9.1f} ms")
-        del workloads
+    ms = side_by_side({name: make() for name, make in contenders.items()}, args.repeats)
 
     backend = {}
     for precision in ("int8", "fp16"):
         backend[precision] = backend_throughput(
-            model_dir, precision, image, args.threads, args.repeats, args.tasks
+            model_dir, precision, side, args.threads, args.repeats, args.tasks
         )
         log(f"/predict {precision}: {backend[precision]}")
 

@@ -98,6 +98,7 @@ def _build_int8(
     from model_build.quantize import calibration_inputs, quantize_parts
 
     held_out_n = max(4, min(100, quant.subset_size // 5))
+    t0 = time.perf_counter()
     log(f"[4/{stages}] reading calibration data ({quant.subset_size} + {held_out_n} held out)")
     data = (calibration or synthetic)(quant.subset_size + held_out_n)
     data = with_questions(data)
@@ -111,7 +112,8 @@ def _build_int8(
     log(f"      {data.source}: {len(calib)} calibration samples, {len(held_out)} held out")
 
     fp16 = Blip(out, precision="fp16")
-    vision_inputs, text_inputs = calibration_inputs(fp16, calib)
+    vision_inputs, text_inputs = calibration_inputs(fp16, calib, quant.subset_size)
+    log(f"      read and encoded in {time.perf_counter() - t0:.1f} s")
     log(f"[5/{stages}] quantizing with NNCF")
     xmls = {name: out / entry["files"][0]["path"] for name, entry in manifest["parts"]["fp16"].items()}
     int8_parts = quantize_parts(xmls, out / "int8", vision_inputs, text_inputs, quant)
@@ -119,7 +121,8 @@ def _build_int8(
     manifest = {**manifest, "parts": parts, "int8": {"serve": False}}
     _write_manifest(out, manifest)
 
-    log(f"[6/{stages}] comparing FP16 and INT8")
+    log(f"[6/{stages}] comparing FP16 and INT8 on {len(held_out)} held-out samples")
+    t0 = time.perf_counter()
     int8 = Blip(out, precision="int8")
     agreement = report.compare(fp16, int8, held_out)
     value = report.gate_value(agreement)
@@ -138,6 +141,7 @@ def _build_int8(
         "settings": quant.describe(),
         "device": {"name": fp16.device, "threads": fp16.threads},
     }
+    log(f"      compared in {time.perf_counter() - t0:.1f} s")
     log(report.table(result))
     _write(lambda: (out / "report.json").write_text(json.dumps(result, indent=2) + "\n"), out)
     manifest = {

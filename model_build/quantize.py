@@ -9,6 +9,7 @@ projections get weight-only compression: quantizing the decoder's activations co
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,18 +57,33 @@ class QuantSettings:
         }
 
 
-def calibration_inputs(blip: Blip, samples: list[Sample]) -> tuple[list[dict], list[dict]]:
-    """Per-sample inputs of the vision and text encoders (batch 1, as NNCF advises for transformers)."""
-    vision, text = [], []
+QUESTIONS_PER_IMAGE = 2  # text-encoder calibration: up to this many of each image's questions
+
+
+def calibration_inputs(blip: Blip, samples: list[Sample], subset_size: int) -> tuple[list[dict], list[dict]]:
+    """Per-sample inputs of the vision and text encoders (batch 1, as NNCF advises for transformers).
+
+    NNCF uses the first `subset_size` items of each list, so only the images whose questions make up
+    the text encoder's subset are run through the vision encoder (in batches) for their embeddings.
+    """
+    vision = [{"pixel_values": pixel_values([s.image], blip.image_settings)} for s in samples[:subset_size]]
+    text: list[dict] = []
+    if "answer" not in blip.tasks:
+        return vision, text
+    chosen: list[tuple[Sample, list[str]]] = []
+    n_questions = 0
     for s in samples:
-        pixels = pixel_values([s.image], blip.image_settings)
-        vision.append({"pixel_values": pixels})
-        if "answer" in blip.tasks:
-            embeds = blip.encode([s.image])
-            for q in s.questions[:2]:
-                ids, mask = blip.text_codec.encode([q])
-                text.append({"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})
-    return vision, text
+        if n_questions >= subset_size:
+            break
+        if questions := s.questions[:QUESTIONS_PER_IMAGE]:
+            chosen.append((s, questions))
+            n_questions += len(questions)
+    embeds = blip.encode([s.image for s, _ in chosen])
+    for (_, questions), image_embeds in zip(chosen, embeds):
+        for q in questions:
+            ids, mask = blip.text_codec.encode([q])
+            text.append({"input_ids": ids, "attention_mask": mask, "image_embeds": image_embeds[None]})
+    return vision, text[:subset_size]
 
 
 def quantize_parts(
@@ -80,6 +96,7 @@ def quantize_parts(
     steps = list(fp16)
     for i, name in enumerate(steps, 1):
         model = core.read_model(fp16[name])
+        t0 = time.perf_counter()
         head = f"      {i}/{len(steps)} {name}:"
         if name == "vision":
             _log(f"{head} quantizing on {min(len(vision), settings.subset_size)} images")
@@ -98,6 +115,7 @@ def quantize_parts(
             )
         xml = int8_dir / f"{name}.xml"
         ov.save_model(model, xml, compress_to_fp16=True)
+        _log(f"{' ' * len(head)} done in {time.perf_counter() - t0:.1f} s")
         parts[name] = {"files": [xml, xml.with_suffix(".bin")]}
     return parts
 

@@ -47,6 +47,7 @@ from backend.blip import Blip  # noqa: E402
 from model_build.calibration import synthetic  # noqa: E402
 from model_build.export import build  # noqa: E402
 from model_build.quantize import QuantSettings  # noqa: E402
+from model_build.reference import caption_ids  # noqa: E402
 from model_build.report import median_ms  # noqa: E402
 
 QUESTIONS = ("what is in the picture?", "how many people are there?", "is it raining?")
@@ -93,7 +94,6 @@ def pytorch_workloads(checkpoint: Path, image: Image.Image, threads: int) -> dic
     torch.set_num_threads(threads)
     model = BlipForQuestionAnswering.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
-    tcfg = model.config.text_config
     pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
     forced = {"do_sample": False, "num_beams": 1}
 
@@ -101,18 +101,9 @@ def pytorch_workloads(checkpoint: Path, image: Image.Image, threads: int) -> dic
     def vision():
         return model.vision_model(pixel_values=pixels).last_hidden_state
 
-    @torch.no_grad()
     def caption():
-        embeds = vision()
-        return model.text_decoder.generate(
-            input_ids=torch.tensor([[tcfg.bos_token_id]]),
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            eos_token_id=tcfg.sep_token_id,
-            pad_token_id=tcfg.pad_token_id,
-            min_new_tokens=CAPTION_TOKENS,
-            max_new_tokens=CAPTION_TOKENS,
-            **forced,
+        return caption_ids(
+            model, pixels, min_new_tokens=CAPTION_TOKENS, max_new_tokens=CAPTION_TOKENS, num_beams=1
         )
 
     @torch.no_grad()

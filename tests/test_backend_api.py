@@ -14,26 +14,16 @@ import time
 
 import pytest
 from fake_files import FileServer, bomb_png
-from templates import CAPTIONING
+from templates import CAPTIONING, vqa
 
 from backend.app import Settings, create_app
 from backend.labeling import DEFAULT_THRESHOLD
 from model_build.tiny_blip.synthetic import COLOURS, COUNTS, HELD_OUT_SEED, make_scenes
 
-# Label Studio's "Visual Question Answering" template, unchanged
-VQA = """<View>
-  <Image name="image" value="$image"/>
-  <Header value="Q1: Please answer the question:"/>
-  <Text name="q1" value="$q1"/>
-  <TextArea name="answer1" toName="q1" rows="1" maxSubmissions="1"/>
-  <Header value="Q2: Please answer the question:"/>
-  <Text name="q2" value="$q2"/>
-  <TextArea name="answer2" toName="q2" rows="1" maxSubmissions="1"/>
-  <Header value="Q3: Please answer the question:"/>
-  <Text name="q3" value="$q3"/>
-  <TextArea name="answer3" toName="q3" rows="1" maxSubmissions="1"/>
-  <Labels name="aspect" toName="q1"><Label value="Color"/><Label value="Count"/></Labels>
-</View>"""
+# Label Studio's "Visual Question Answering" template, unchanged, plus a control the backend leaves alone
+VQA = vqa(
+    3, extra='\n  <Labels name="aspect" toName="q1"><Label value="Color"/><Label value="Count"/></Labels>'
+)
 HOW_MANY = "how many objects are there?"
 FIXED = f"""<View>
   <Image name="image" value="$image"/>

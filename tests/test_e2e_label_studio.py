@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 from label_studio_server import PASSWORD, USER, free_port, png, stop, upload, wait_for
-from templates import CAPTIONING
+from templates import CAPTIONING, vqa
 
 from model_build.tiny_blip.synthetic import COUNTS, HELD_OUT_SEED, make_scenes
 
@@ -27,15 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 BACKEND_USER, BACKEND_PASS = "ls-backend", "backend-pass-456"
 HOW_MANY = "how many objects are there?"
 
-VQA = """<View>
-  <Image name="image" value="$image"/>
-  <Header value="Q1: Please answer the question:"/>
-  <Text name="q1" value="$q1"/>
-  <TextArea name="answer1" toName="q1" rows="1" maxSubmissions="1"/>
-  <Header value="Q2: Please answer the question:"/>
-  <Text name="q2" value="$q2"/>
-  <TextArea name="answer2" toName="q2" rows="1" maxSubmissions="1"/>
-</View>"""
+VQA = vqa(2)
 FIXED = f"""<View>
   <Image name="image" value="$image"/>
   <Header value="{HOW_MANY}"/>

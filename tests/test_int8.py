@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from templates import vqa
 
 from backend.blip import Blip
 from model_build.__main__ import main
@@ -115,11 +116,7 @@ def test_evaluation_command_reproduces_the_accuracy(int8_dir: Path, held_out, tm
         assert reported[precision]["caption_overlap"] >= exact
 
 
-VQA_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Text name="q1" value="$q1"/>
-  <TextArea name="answer1" toName="q1" rows="1" maxSubmissions="1"/>
-</View>"""
+VQA_CONFIG = vqa(1)
 
 
 def test_int8_from_a_label_studio_export(tmp_path: Path):

@@ -5,27 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_build.reference import caption_ids
+
 N = 16  # scenes per parity check
 
 
 def hf_caption_ids(hf, images, prompt_ids: list[int] | None = None, **generation) -> list[list[int]]:
     """transformers' own captioning call for a VQA checkpoint: its decoder on the image embeddings."""
     model, processor = hf
-    tcfg = model.config.text_config
-    start = [tcfg.bos_token_id] + (prompt_ids or [])
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
-        out = model.text_decoder.generate(
-            input_ids=torch.tensor([start] * len(images)),
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            eos_token_id=tcfg.sep_token_id,
-            pad_token_id=tcfg.pad_token_id,
-            do_sample=False,
-            **generation,
-        )
-    return [_strip(row[len(start) :], tcfg) for row in out.tolist()]
+    out = caption_ids(model, pixel_values, prompt_ids or [], **generation)
+    start = 1 + len(prompt_ids or [])
+    return [_strip(row[start:], model.config.text_config) for row in out.tolist()]
 
 
 def hf_answer_ids(hf, images, questions: list[str], **generation) -> list[list[int]]:

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
+from model_build.reference import caption_ids
+
 from .synthetic import QUESTION_TYPES, Scene
 
 ANSWER_MAX_NEW_TOKENS = 10
@@ -33,20 +35,10 @@ def answer(
     return processor.decode(output[0], skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
 def caption(model: BlipForQuestionAnswering, processor: BlipProcessor, image: Image.Image) -> str:
     """Greedy caption from the answer decoder conditioned directly on the image tokens."""
-    tokenizer = processor.tokenizer
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
-    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
-    output = model.text_decoder.generate(
-        input_ids=torch.tensor([[tokenizer.bos_token_id]]),
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long),
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=CAPTION_MAX_NEW_TOKENS,
-    )
+    output = caption_ids(model, pixel_values, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
     return processor.decode(output[0], skip_special_tokens=True).strip()
 
 

@@ -26,8 +26,8 @@ import time
 from importlib.metadata import files
 from importlib.util import find_spec
 from pathlib import Path
+from types import SimpleNamespace
 
-import dockerfile
 import pytest
 import requests
 from packaging.requirements import Requirement
@@ -224,8 +224,16 @@ def test_label_studio_service(tmp_path):
 # --- Dockerfiles, .dockerignore, pinned dependency sets -----------------------------------------
 
 
-def instructions(path: Path) -> list:
-    return list(dockerfile.parse_file(str(path)))
+def instructions(path: Path) -> list[SimpleNamespace]:
+    """The Dockerfile's instructions (cmd, value, ...), parsed by BuildKit's parser in a child process:
+    the `dockerfile` package embeds a Go runtime, which once crashed the test process (SIGSEGV) when
+    loaded next to OpenVINO and torch."""
+    code = (
+        "import dockerfile, json, sys; "
+        "print(json.dumps([c._asdict() for c in dockerfile.parse_file(sys.argv[1])]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return [SimpleNamespace(**c) for c in json.loads(out.stdout)]
 
 
 def pip_install(path: Path) -> tuple[str, list[str]]:

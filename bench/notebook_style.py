@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backend.blip import Blip, ov_config
-from backend.preprocess import pixel_values
+from backend.blip import ov_config
+from backend.manifest import load_manifest
+from backend.preprocess import TextCodec, pixel_values
 from model_build.graphs import CrossKV, DecoderStep
 
 
@@ -81,13 +82,16 @@ class NotebookPipeline:
     """caption(image) and answer(image, question), each a separate call starting from pixels."""
 
     def __init__(self, model_dir: Path, decoder_xml: Path, threads: int | None) -> None:
-        blip = Blip(model_dir, precision="int8", threads=threads)  # tokenizer, settings, token ids
-        self.codec, self.image_settings, self.tokens = blip.text_codec, blip.image_settings, blip.tokens
-        text = blip.manifest.data["text"]
+        manifest = load_manifest(model_dir)  # tokenizer, image settings, token ids; no model compiled
+        m = manifest.data
+        text, self.image_settings, self.tokens = m["text"], m["image"], m["tokens"]
+        self.codec = TextCodec(
+            manifest.model_dir / text["tokenizer"], self.tokens["pad"], text["max_positions"]
+        )
         self.past_shape = (text["layers"], 2, 1, text["heads"], 0, text["head_size"])  # batch 1, empty
         core = ov.Core()
         config = ov_config("CPU", threads, None)
-        xml = lambda part: blip.manifest.part_xml("int8", part)  # noqa: E731
+        xml = lambda part: manifest.part_xml("int8", part)  # noqa: E731
         self.vision = core.compile_model(xml("vision"), "CPU", config)
         self.text_encoder = core.compile_model(xml("text_encoder"), "CPU", config)
         self.decoder = core.compile_model(decoder_xml, "CPU", config)
@@ -109,16 +113,16 @@ class NotebookPipeline:
             ids = np.array([[next_id]], np.int64)
         return out
 
-    def _image(self, image: Image.Image) -> np.ndarray:
+    def encode(self, image: Image.Image) -> np.ndarray:
         return self.vision({"pixel_values": pixel_values([image], self.image_settings)})[0]
 
     def caption(self, image: Image.Image, new_tokens: int = 20, stop: bool = False) -> str:
-        embeds = self._image(image)
+        embeds = self.encode(image)
         mask = np.ones(embeds.shape[:2], np.int64)
         return self.codec.decode(self._greedy(embeds, mask, new_tokens, stop))
 
     def answer(self, image: Image.Image, question: str, new_tokens: int = 10, stop: bool = False) -> str:
-        embeds = self._image(image)
+        embeds = self.encode(image)
         ids, mask = self.codec.encode([question])
         q = self.text_encoder({"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})[0]
         return self.codec.decode(self._greedy(q, mask, new_tokens, stop))

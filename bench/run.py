@@ -126,7 +126,7 @@ def notebook_workloads(pipeline, image: Image.Image) -> dict[str, Callable[[], o
             pipeline.answer(image, q, ANSWER_TOKENS)
 
     return {
-        "vision": lambda: pipeline._image(image),
+        "vision": lambda: pipeline.encode(image),
         "caption": lambda: pipeline.caption(image, CAPTION_TOKENS),
         "question": lambda: pipeline.answer(image, QUESTIONS[0], ANSWER_TOKENS),
         "task": task,

@@ -71,6 +71,19 @@ def ov_config(device: str, threads: int | None, inference_precision: str | None)
     return config
 
 
+def encode_images(
+    vision: ov.CompiledModel, images: Sequence[Image.Image], image_settings: dict[str, Any]
+) -> np.ndarray:
+    """Images -> image embeddings [N, S, E] with a compiled vision part, VISION_BATCH images per call."""
+    chunks = [
+        vision.create_infer_request().infer(
+            {"pixel_values": pixel_values(images[i : i + VISION_BATCH], image_settings)}, share_inputs=True
+        )[0]
+        for i in range(0, len(images), VISION_BATCH)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0), np.float32)
+
+
 class Blip:
     """A model directory built by `blip-build`, compiled for one OpenVINO device."""
 
@@ -121,13 +134,7 @@ class Blip:
         """Images -> image embeddings [N, S, E] (pass them to caption/answer/rank to reuse them)."""
         if isinstance(images, np.ndarray):
             return images
-        chunks = [
-            self._run(
-                "vision", {"pixel_values": pixel_values(images[i : i + VISION_BATCH], self.image_settings)}
-            )
-            for i in range(0, len(images), VISION_BATCH)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0), np.float32)
+        return encode_images(self._parts["vision"], images, self.image_settings)
 
     def _cross_kv(self, states: np.ndarray) -> np.ndarray:
         return self._run("cross_kv", {"encoder_states": states})

@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def _build_int8(
 ) -> dict[str, Any]:
     from backend.blip import Blip
     from model_build import report
-    from model_build.quantize import calibration_inputs, quantize_parts
+    from model_build.quantize import quantize_parts, text_inputs, vision_inputs
 
     held_out_n = max(4, min(100, quant.subset_size // 5))
     t0 = time.perf_counter()
@@ -112,11 +113,12 @@ def _build_int8(
     log(f"      {data.source}: {len(calib)} calibration samples, {len(held_out)} held out")
 
     fp16 = Blip(out, precision="fp16")
-    vision_inputs, text_inputs = calibration_inputs(fp16, calib, quant.subset_size)
-    log(f"      read and encoded in {time.perf_counter() - t0:.1f} s")
+    vision = vision_inputs(fp16, calib, quant.subset_size)
+    log(f"      read in {time.perf_counter() - t0:.1f} s")
     log(f"[5/{stages}] quantizing with NNCF")
     xmls = {name: out / entry["files"][0]["path"] for name, entry in manifest["parts"]["fp16"].items()}
-    int8_parts = quantize_parts(xmls, out / "int8", vision_inputs, text_inputs, quant)
+    text = partial(text_inputs, fp16, samples=calib, subset_size=quant.subset_size)
+    int8_parts = quantize_parts(xmls, out / "int8", vision, text, quant)
     parts = {**manifest["parts"], **_hashed(out, {"int8": int8_parts})}
     manifest = {**manifest, "parts": parts, "int8": {"serve": False}}
     _write_manifest(out, manifest)

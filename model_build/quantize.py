@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from nncf.quantization.advanced_parameters import (
     AdvancedSmoothQuantParameters,
 )
 
-from backend.blip import Blip
+from backend.blip import Blip, encode_images, ov_config
 from backend.preprocess import pixel_values
 from model_build.calibration import Sample
 
@@ -60,16 +61,20 @@ class QuantSettings:
 QUESTIONS_PER_IMAGE = 2  # text-encoder calibration: up to this many of each image's questions
 
 
-def calibration_inputs(blip: Blip, samples: list[Sample], subset_size: int) -> tuple[list[dict], list[dict]]:
-    """Per-sample inputs of the vision and text encoders (batch 1, as NNCF advises for transformers).
+def vision_inputs(blip: Blip, samples: list[Sample], subset_size: int) -> list[dict]:
+    """The vision encoder's calibration inputs, one image each (batch 1, as NNCF advises for transformers)."""
+    return [{"pixel_values": pixel_values([s.image], blip.image_settings)} for s in samples[:subset_size]]
 
-    NNCF uses the first `subset_size` items of each list, so only the images whose questions make up
-    the text encoder's subset are run through the vision encoder (in batches) for their embeddings.
+
+def text_inputs(blip: Blip, vision: ov.CompiledModel, samples: list[Sample], subset_size: int) -> list[dict]:
+    """The text encoder's calibration inputs, one question each, on image embeddings from `vision`.
+
+    `vision` is the INT8 vision encoder once quantized: the text encoder is calibrated on the
+    embeddings it receives when served (and INT8 encodes them ~2.7x faster than FP16). Only the
+    images whose questions make up the first `subset_size` inputs, the ones NNCF uses, are encoded.
     """
-    vision = [{"pixel_values": pixel_values([s.image], blip.image_settings)} for s in samples[:subset_size]]
-    text: list[dict] = []
     if "answer" not in blip.tasks:
-        return vision, text
+        return []
     chosen: list[tuple[Sample, list[str]]] = []
     n_questions = 0
     for s in samples:
@@ -78,18 +83,26 @@ def calibration_inputs(blip: Blip, samples: list[Sample], subset_size: int) -> t
         if questions := s.questions[:QUESTIONS_PER_IMAGE]:
             chosen.append((s, questions))
             n_questions += len(questions)
-    embeds = blip.encode([s.image for s, _ in chosen])
+    embeds = encode_images(vision, [s.image for s, _ in chosen], blip.image_settings)
+    text: list[dict] = []
     for (_, questions), image_embeds in zip(chosen, embeds):
         for q in questions:
             ids, mask = blip.text_codec.encode([q])
             text.append({"input_ids": ids, "attention_mask": mask, "image_embeds": image_embeds[None]})
-    return vision, text[:subset_size]
+    return text[:subset_size]
 
 
 def quantize_parts(
-    fp16: dict[str, Path], int8_dir: Path, vision: list[dict], text: list[dict], settings: QuantSettings
+    fp16: dict[str, Path],
+    int8_dir: Path,
+    vision: list[dict],
+    text: Callable[[ov.CompiledModel], list[dict]],
+    settings: QuantSettings,
 ) -> dict[str, dict[str, Any]]:
-    """fp16 part name -> xml; writes the INT8 parts into int8_dir, returns manifest entries."""
+    """fp16 part name -> xml; writes the INT8 parts into int8_dir, returns manifest entries.
+
+    `text` makes the text encoder's calibration inputs with the vision encoder quantized before it.
+    """
     int8_dir.mkdir(parents=True, exist_ok=True)
     core = ov.Core()
     parts = {}
@@ -102,8 +115,10 @@ def quantize_parts(
             _log(f"{head} quantizing on {min(len(vision), settings.subset_size)} images")
             model = _quantize(model, vision, settings)
         elif name == "text_encoder":
-            _log(f"{head} quantizing on {min(len(text), settings.subset_size)} questions")
-            model = _quantize(model, text, settings)
+            int8_vision = core.compile_model(int8_dir / "vision.xml", "CPU", ov_config("CPU", None, None))
+            inputs = text(int8_vision)
+            _log(f"{head} quantizing on {len(inputs)} questions (image embeddings by the INT8 vision part)")
+            model = _quantize(model, inputs, settings)
         else:
             _log(f"{head} compressing weights ({settings.weights})")
             model = nncf.compress_weights(

@@ -130,7 +130,7 @@ class ImageLoader:
                 raise
             except requests.HTTPError as e:
                 status = e.response.status_code if e.response is not None else "?"
-                hint = " (is LABEL_STUDIO_API_KEY right?)" if status in (401, 403) else ""
+                hint = _HTTP_HINTS.get(status, "")
                 raise ImageError(f"{_short(url)}: HTTP {status}{hint}") from None
             except requests.RequestException as e:
                 raise ImageError(f"{_short(url)}: download failed: {type(e).__name__}: {e}") from None
@@ -143,6 +143,14 @@ class ImageLoader:
                 return path.read_bytes()
             except OSError as e:
                 raise ImageError(f"{_short(url)}: {e.strerror or e}") from None
+
+
+# Label Studio answers 401 to a bad token, and 403 to a good one asking for a missing upload
+_HTTP_HINTS = {
+    401: " (is LABEL_STUDIO_API_KEY right?)",
+    403: " (the file may be missing, or LABEL_STUDIO_API_KEY's user may not see it)",
+    404: " (no such file)",
+}
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:

@@ -289,6 +289,15 @@ def test_dockerfile(path):
     assert constraints.is_file() and (path.parent / "constraints.txt") == constraints
 
 
+def test_backend_image_keeps_only_the_scripts_it_can_run():
+    cmds = instructions(BACKEND_DOCKERFILE)
+    copied = {Path(src).name for c in cmds if c.cmd == "COPY" for src in c.value[:-1]}
+    steps = [shlex.split(step) for c in cmds if c.cmd == "RUN" for step in c.value[0].split("&&")]
+    removed = {Path(arg).name for argv in steps if argv[:1] == ["rm"] for arg in argv[1:]}
+    for script, target in PYPROJECT["project"]["scripts"].items():
+        assert (script in removed) == (target.split(".")[0] not in copied), script
+
+
 def test_backend_image_has_no_torch_and_build_image_has_cpu_torch():
     _, backend_args = pip_install(BACKEND_DOCKERFILE)
     assert backend_args[-1] == "."  # the base dependencies only, no extra

@@ -68,7 +68,7 @@ def test_personal_access_token_is_exchanged_for_an_access_token(server):
 
 
 def test_wrong_token_missing_token_and_missing_host(server):
-    with pytest.raises(ImageError, match="401"):
+    with pytest.raises(ImageError, match=r"401 \(is LABEL_STUDIO_API_KEY right\?\)"):
         ImageLoader(hostname=server.base, access_token="wrong").load("/data/upload/3/img.png")
     with pytest.raises(ImageError, match="LABEL_STUDIO_API_KEY"):
         ImageLoader(hostname=server.base).load("/data/upload/3/img.png")

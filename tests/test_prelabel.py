@@ -238,7 +238,8 @@ def test_broken_images_reported_and_skipped(ls, label_studio, tiny_dir, scenes, 
     assert sorted(failed) == sorted(str(i) for i in broken.values())
     assert "not an image file" in failed[str(broken["garbage"])]
     assert "127.0.0.1:9/gone.png" in failed[str(broken["unreachable"])]
-    assert "missing.png: HTTP 40" in failed[str(broken["missing upload"])]  # 403 from Label Studio
+    # Label Studio answers 403 to a valid token asking for a missing upload: the hint says so
+    assert "missing.png: HTTP 403 (the file may be missing" in failed[str(broken["missing upload"])]
     for reason in failed.values():
         assert reason in out  # listed in the summary too
     by_task = predictions_by_task(ls, project.id)

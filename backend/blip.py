@@ -32,9 +32,12 @@ Images = Sequence[Image.Image] | np.ndarray  # PIL images, or image embeddings f
 # Bounded memory for large calls: images per vision call, and per decoding batch. A caption's
 # cross-attention cache holds the 577 image tokens of a full-size model (42 MB per image): on 2 cores,
 # 16 images captioned 4 at a time took 2.7-3.0 s and peaked at 1.4 GB, 16 at a time 4.0 s and 2.7 GB.
-VISION_BATCH = 8
+# The vision encoder takes the same time per image 1, 2 or 8 at a time (16 images: 3.2 s), but
+# OpenVINO keeps ~45 MB of buffers per image of its largest batch.
+VISION_BATCH = 2
 CAPTION_BATCH = 4
 ANSWER_BATCH = 16
+KV_IMAGES = 4  # images per question-encoder call: their keys/values take 42 MB each on a full-size model
 RANK_ELEMENTS = 16 << 20  # logits floats per ranking chunk
 
 
@@ -188,11 +191,13 @@ class Blip:
             raise ValueError(f"{len(embeds)} images but {len(questions)} question lists")
         pairs = [(i, q) for i, qs in enumerate(questions) for q in qs]
         flat: list[Generated] = []
+        if not pairs:
+            return [[] for _ in questions]
+        q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs])
         for c in range(0, len(pairs), ANSWER_BATCH):
-            chunk = pairs[c : c + ANSWER_BATCH]
-            q_embeds, q_mask = self._questions(embeds, [i for i, _ in chunk], [q for _, q in chunk])
-            start = np.full((len(chunk), 1), self.tokens["decoder_start"], dtype=np.int64)
-            for seq in self._decode(start, self._cross_kv(q_embeds), q_mask, settings):
+            chunk = slice(c, c + ANSWER_BATCH)
+            start = np.full((len(pairs[chunk]), 1), self.tokens["decoder_start"], dtype=np.int64)
+            for seq in self._decode(start, self._cross_kv(q_embeds[chunk]), q_mask[chunk], settings):
                 flat.append(self._generated(seq.tokens, seq.token_logprobs))
         it = iter(flat)
         return [[next(it) for _ in qs] for qs in questions]
@@ -238,15 +243,30 @@ class Blip:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _questions(self, embeds: np.ndarray, image_index: Sequence[int], questions: Sequence[str]):
+    def _questions(
+        self, embeds: np.ndarray, image_index: Sequence[int], questions: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Question i about image image_index[i] -> (question embeddings [B, Q, E], mask [B, Q]).
+
+        The question encoder's keys and values of an image are computed once for all its questions,
+        KV_IMAGES images at a time.
+        """
         if "answer" not in self.tasks:
             raise ValueError("this model only captions (its checkpoint has no question encoder)")
-        ids, mask = self.text_codec.encode(questions)
-        q_embeds = self._run(
-            "text_encoder",
-            {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds[list(image_index)]},
-        )
-        return q_embeds, mask
+        ids, mask = self.text_codec.encode(questions)  # one width for all, so the chunks concatenate
+        chunks, start = [], 0
+        while start < len(questions):
+            images: dict[int, int] = {}  # image -> its row in this chunk's image_kv
+            end = start
+            while end < len(questions) and (image_index[end] in images or len(images) < KV_IMAGES):
+                images.setdefault(image_index[end], len(images))
+                end += 1
+            image_kv = self._run("text_encoder_kv", {"encoder_states": embeds[list(images)]})
+            rows = np.array([images[i] for i in image_index[start:end]], dtype=np.int64)
+            inputs = {"input_ids": ids[start:end], "attention_mask": mask[start:end]}
+            chunks.append(self._run("text_encoder", {**inputs, "image_kv": image_kv, "image_index": rows}))
+            start = end
+        return np.concatenate(chunks), mask
 
     def _past_shape(self, batch: int) -> tuple[int, ...]:
         shape = list(self._empty_past_shape)

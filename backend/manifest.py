@@ -2,7 +2,7 @@
 
     MODEL_DIR/
       manifest.json
-      fp16/{vision,text_encoder,cross_kv,decoder}.{xml,bin}
+      fp16/{vision,text_encoder_kv,text_encoder,cross_kv,decoder}.{xml,bin}
       processor/            tokenizer.json and the checkpoint's processor files
 
 `manifest.json` records where the weights came from, the token ids and image settings serving
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT = 1
-# Parts every model directory has; `text_encoder` only when the checkpoint answers questions.
+FORMAT = 2  # 2: the question encoder's image keys/values are a part of their own (text_encoder_kv)
+# Parts every model directory has; the text encoder's only when the checkpoint answers questions.
 CAPTION_PARTS = ("vision", "cross_kv", "decoder")
-VQA_PARTS = ("vision", "text_encoder", "cross_kv", "decoder")
+VQA_PARTS = ("vision", "text_encoder_kv", "text_encoder", "cross_kv", "decoder")
 
 
 class ModelDirError(Exception):

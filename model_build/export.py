@@ -10,7 +10,6 @@ import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
-from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -96,7 +95,7 @@ def _build_int8(
 ) -> dict[str, Any]:
     from backend.blip import Blip
     from model_build import report
-    from model_build.quantize import quantize_parts, text_inputs, vision_inputs
+    from model_build.quantize import Calibration, quantize_parts
 
     held_out_n = max(4, min(100, quant.subset_size // 5))
     t0 = time.perf_counter()
@@ -113,12 +112,11 @@ def _build_int8(
     log(f"      {data.source}: {len(calib)} calibration samples, {len(held_out)} held out")
 
     fp16 = Blip(out, precision="fp16")
-    vision = vision_inputs(fp16, calib, quant.subset_size)
     log(f"      read in {time.perf_counter() - t0:.1f} s")
     log(f"[5/{stages}] quantizing with NNCF")
     xmls = {name: out / entry["files"][0]["path"] for name, entry in manifest["parts"]["fp16"].items()}
-    text = partial(text_inputs, fp16, samples=calib, subset_size=quant.subset_size)
-    int8_parts = quantize_parts(xmls, out / "int8", vision, text, quant)
+    calibration = Calibration(fp16, calib, quant.subset_size, out / "int8")
+    int8_parts = quantize_parts(xmls, out / "int8", calibration, quant)
     parts = {**manifest["parts"], **_hashed(out, {"int8": int8_parts})}
     manifest = {**manifest, "parts": parts, "int8": {"serve": False}}
     _write_manifest(out, manifest)
@@ -199,19 +197,32 @@ def example_graphs(model: torch.nn.Module) -> dict[str, tuple]:
             ["image_embeds"],
         )
     }
+    kv_shape = [layers, 2, -1, heads, -1, head_size]
     if hasattr(model, "text_encoder"):
+        graphs["text_encoder_kv"] = (
+            CrossKV(model.text_encoder.encoder.layer, heads),
+            (torch.zeros(2, n_img, width),),
+            [("encoder_states", [-1, -1, width], f32)],
+            ["image_kv"],
+        )
         graphs["text_encoder"] = (
             TextEncoder(model.text_encoder),
-            (question, torch.ones_like(question), torch.zeros(2, n_img, width)),
+            (
+                question,
+                torch.ones_like(question),
+                torch.zeros(layers, 2, 3, heads, n_img, head_size),
+                torch.tensor([2, 0]),
+            ),
             [
                 ("input_ids", [-1, -1], i64),
                 ("attention_mask", [-1, -1], i64),
-                ("image_embeds", [-1, -1, width], f32),
+                ("image_kv", kv_shape, f32),
+                ("image_index", [-1], i64),
             ],
             ["question_embeds"],
         )
     graphs["cross_kv"] = (
-        CrossKV(model.text_decoder),
+        CrossKV(model.text_decoder.bert.encoder.layer, heads),
         (torch.zeros(2, n_img, width),),
         [("encoder_states", [-1, -1, width], f32)],
         ["cross_kv"],
@@ -226,8 +237,8 @@ def example_graphs(model: torch.nn.Module) -> dict[str, tuple]:
         ),
         [
             ("input_ids", [-1, -1], i64),
-            ("past_kv", [layers, 2, -1, heads, -1, head_size], f32),
-            ("cross_kv", [layers, 2, -1, heads, -1, head_size], f32),
+            ("past_kv", kv_shape, f32),
+            ("cross_kv", kv_shape, f32),
             ("cross_mask", [-1, -1], i64),
         ],
         ["logits", "present_kv"],

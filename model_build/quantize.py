@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,48 +60,66 @@ class QuantSettings:
 QUESTIONS_PER_IMAGE = 2  # text-encoder calibration: up to this many of each image's questions
 
 
-def vision_inputs(blip: Blip, samples: list[Sample], subset_size: int) -> list[dict]:
-    """The vision encoder's calibration inputs, one image each (batch 1, as NNCF advises for transformers)."""
-    return [{"pixel_values": pixel_values([s.image], blip.image_settings)} for s in samples[:subset_size]]
+class Calibration:
+    """The calibration inputs of each part NNCF quantizes fully, one item per image or question
+    (batch 1, as NNCF advises for transformers).
 
-
-def text_inputs(blip: Blip, vision: ov.CompiledModel, samples: list[Sample], subset_size: int) -> list[dict]:
-    """The text encoder's calibration inputs, one question each, on image embeddings from `vision`.
-
-    `vision` is the INT8 vision encoder once quantized: the text encoder is calibrated on the
-    embeddings it receives when served (and INT8 encodes them ~2.7x faster than FP16). Only the
-    images whose questions make up the first `subset_size` inputs, the ones NNCF uses, are encoded.
+    A part's inputs are computed with the INT8 parts quantized before it (in `int8_dir`), so each
+    part is calibrated on what it receives when served; INT8 also encodes images ~2.7x faster than
+    FP16. Only the images whose questions make up the text encoder's subset are encoded.
     """
-    if "answer" not in blip.tasks:
-        return []
-    chosen: list[tuple[Sample, list[str]]] = []
-    n_questions = 0
-    for s in samples:
-        if n_questions >= subset_size:
-            break
-        if questions := s.questions[:QUESTIONS_PER_IMAGE]:
-            chosen.append((s, questions))
-            n_questions += len(questions)
-    embeds = encode_images(vision, [s.image for s, _ in chosen], blip.image_settings)
-    text: list[dict] = []
-    for (_, questions), image_embeds in zip(chosen, embeds):
-        for q in questions:
-            ids, mask = blip.text_codec.encode([q])
-            text.append({"input_ids": ids, "attention_mask": mask, "image_embeds": image_embeds[None]})
-    return text[:subset_size]
+
+    PARTS = ("vision", "text_encoder_kv", "text_encoder")  # in this order: each needs the one before
+
+    def __init__(self, blip: Blip, samples: list[Sample], subset_size: int, int8_dir: Path) -> None:
+        self.blip, self.samples, self.subset_size, self.int8_dir = blip, samples, subset_size, int8_dir
+        self.chosen: list[tuple[Sample, list[str]]] = []  # images with the questions asked of them
+        n_questions = 0
+        for s in samples if "answer" in blip.tasks else []:
+            if n_questions >= subset_size:
+                break
+            if questions := s.questions[:QUESTIONS_PER_IMAGE]:
+                self.chosen.append((s, questions))
+                n_questions += len(questions)
+        self._embeds = np.zeros((0, 0, 0), np.float32)
+
+    def dataset(self, part: str) -> tuple[nncf.Dataset, int, str]:
+        """(the dataset, its number of items, what an item is)"""
+        settings = self.blip.image_settings
+        if part == "vision":
+            images = [
+                {"pixel_values": pixel_values([s.image], settings)} for s in self.samples[: self.subset_size]
+            ]
+            return nncf.Dataset(images), len(images), "images"
+        if part == "text_encoder_kv":
+            self._embeds = encode_images(self._int8("vision"), [s.image for s, _ in self.chosen], settings)
+            embeds = [{"encoder_states": e[None]} for e in self._embeds]
+            return nncf.Dataset(embeds), len(embeds), "images"
+        if part == "text_encoder":
+            items = [(j, q) for j, (_, qs) in enumerate(self.chosen) for q in qs][: self.subset_size]
+            image_kv = self._int8("text_encoder_kv").create_infer_request()
+            last: dict[int, np.ndarray] = {}  # an image's keys/values (42 MB full-size) for its next question
+
+            def question(item: tuple[int, str]) -> dict[str, np.ndarray]:
+                j, q = item
+                if j not in last:
+                    last.clear()
+                    last[j] = image_kv.infer({"encoder_states": self._embeds[j : j + 1]})[0]
+                ids, mask = self.blip.text_codec.encode([q])
+                index = np.zeros(1, np.int64)
+                return {"input_ids": ids, "attention_mask": mask, "image_kv": last[j], "image_index": index}
+
+            return nncf.Dataset(items, question), len(items), "questions"
+        raise ValueError(f"{part} is not calibrated")
+
+    def _int8(self, part: str) -> ov.CompiledModel:
+        return ov.Core().compile_model(self.int8_dir / f"{part}.xml", "CPU", ov_config("CPU", None, None))
 
 
 def quantize_parts(
-    fp16: dict[str, Path],
-    int8_dir: Path,
-    vision: list[dict],
-    text: Callable[[ov.CompiledModel], list[dict]],
-    settings: QuantSettings,
+    fp16: dict[str, Path], int8_dir: Path, calibration: Calibration, settings: QuantSettings
 ) -> dict[str, dict[str, Any]]:
-    """fp16 part name -> xml; writes the INT8 parts into int8_dir, returns manifest entries.
-
-    `text` makes the text encoder's calibration inputs with the vision encoder quantized before it.
-    """
+    """fp16 part name -> xml; writes the INT8 parts into int8_dir, returns manifest entries."""
     int8_dir.mkdir(parents=True, exist_ok=True)
     core = ov.Core()
     parts = {}
@@ -111,14 +128,10 @@ def quantize_parts(
         model = core.read_model(fp16[name])
         t0 = time.perf_counter()
         head = f"      {i}/{len(steps)} {name}:"
-        if name == "vision":
-            _log(f"{head} quantizing on {min(len(vision), settings.subset_size)} images")
-            model = _quantize(model, vision, settings)
-        elif name == "text_encoder":
-            int8_vision = core.compile_model(int8_dir / "vision.xml", "CPU", ov_config("CPU", None, None))
-            inputs = text(int8_vision)
-            _log(f"{head} quantizing on {len(inputs)} questions (image embeddings by the INT8 vision part)")
-            model = _quantize(model, inputs, settings)
+        if name in Calibration.PARTS:
+            dataset, n, unit = calibration.dataset(name)
+            _log(f"{head} quantizing on {n} {unit}")
+            model = _quantize(model, dataset, n, settings)
         else:
             _log(f"{head} compressing weights ({settings.weights})")
             model = nncf.compress_weights(
@@ -135,12 +148,12 @@ def quantize_parts(
     return parts
 
 
-def _quantize(model: ov.Model, inputs: list[dict], settings: QuantSettings) -> ov.Model:
+def _quantize(model: ov.Model, dataset: nncf.Dataset, n: int, settings: QuantSettings) -> ov.Model:
     alpha = settings.smooth_quant_alpha
     return nncf.quantize(
         model,
-        nncf.Dataset(inputs),
-        subset_size=min(len(inputs), settings.subset_size),
+        dataset,
+        subset_size=min(n, settings.subset_size),
         model_type=nncf.ModelType.TRANSFORMER,
         ignored_scope=_ignored(settings),
         advanced_parameters=AdvancedQuantizationParameters(

@@ -69,10 +69,10 @@ def gate_value(agreements: dict[str, Any]) -> float:
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{'part':<14}{'FP16 MiB':>10}{'INT8 MiB':>10}{'ratio':>8}"]
+    lines = [f"{'part':<16}{'FP16 MiB':>10}{'INT8 MiB':>10}{'ratio':>8}"]
     for part, s in report["sizes"].items():
         lines.append(
-            f"{part:<14}{s['fp16_bytes'] / 2**20:>10.1f}{s['int8_bytes'] / 2**20:>10.1f}{s['ratio']:>7.2f}x"
+            f"{part:<16}{s['fp16_bytes'] / 2**20:>10.1f}{s['int8_bytes'] / 2**20:>10.1f}{s['ratio']:>7.2f}x"
         )
     lat = report["latency"]
     lines.append("")

@@ -43,36 +43,33 @@ import itertools
 import json
 import logging
 import os
-import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TextIO
 
+from backend.label_studio_api import (
+    NO_SDK_RETRIES,
+    PAGE,
+    Api,
+    PrelabelError,
+    Unreachable,
+    describe,
+    transient,
+)
+from backend.progress import Progress, ProgressLog, duration
+
 if TYPE_CHECKING:
     from backend.blip import Blip
 
 log = logging.getLogger(__name__)
 
-ID_PAGE = 1000  # task ids per listing request
-PAGE = 100  # tasks (with data) per request
-RETRY_CAP = 60.0  # longest wait between two attempts, seconds
-NO_SDK_RETRIES = {"max_retries": 0}  # retries are ours: the SDK would repeat a POST blindly
 
 EXIT_OK, EXIT_FAILED_TASKS, EXIT_USAGE, EXIT_ABORTED = 0, 1, 2, 3
-
-
-class PrelabelError(Exception):
-    """The run cannot start (bad project, view, filter, config or model directory): exit code 2."""
-
-
-class Unreachable(Exception):
-    """Label Studio kept failing after every retry: the run stops (exit code 3); rerun to resume."""
 
 
 class Stopped(Exception):
@@ -162,145 +159,6 @@ class Report:
         if self.aborted:
             return EXIT_ABORTED
         return EXIT_FAILED_TASKS if self.failed else EXIT_OK
-
-
-# -- Label Studio, with retries --------------------------------------------------------------------
-
-
-def transient(e: BaseException) -> bool:
-    """Worth retrying: the request may not have been served (or served late), not refused."""
-    import httpx
-    from label_studio_sdk.core.api_error import ApiError
-
-    if isinstance(e, httpx.TransportError):  # connect/read/write timeouts, resets, protocol errors
-        return True
-    if isinstance(e, ApiError):
-        return e.status_code is not None and (e.status_code >= 500 or e.status_code in (408, 429))
-    return False
-
-
-def describe(e: BaseException) -> str:
-    from label_studio_sdk.core.api_error import ApiError
-
-    if isinstance(e, ApiError):
-        body = e.body if isinstance(e.body, str) else json.dumps(e.body, default=str)
-        return f"HTTP {e.status_code}: {body[:300]}"
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-class Api:
-    """The Label Studio calls the command makes, each retried on transient errors with backoff."""
-
-    def __init__(self, job: Job, client: Any = None) -> None:
-        from label_studio_sdk.client import LabelStudio
-
-        self.job = job
-        self.client = client or LabelStudio(base_url=job.url, api_key=job.api_key, timeout=job.timeout)
-
-    def call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        for attempt in itertools.count():
-            try:
-                return fn(**kwargs, request_options=NO_SDK_RETRIES)
-            except Exception as e:
-                if not transient(e):
-                    raise
-                if attempt >= self.job.retries:
-                    raise Unreachable(f"{what}: {describe(e)} (gave up after {attempt + 1} attempts)") from e
-                self.wait(what, attempt, e)
-        raise AssertionError("not reached")
-
-    def wait(self, what: str, attempt: int, e: BaseException) -> None:
-        delay = min(RETRY_CAP, self.job.backoff * 2**attempt) * random.uniform(0.75, 1.25)
-        after = _retry_after(e)
-        if after is not None:
-            delay = min(RETRY_CAP, max(after, 0.0))
-        log.warning(
-            "%s: %s; retrying in %.1f s (%d/%d)", what, describe(e), delay, attempt + 1, self.job.retries
-        )
-        time.sleep(delay)
-
-    def project(self, project: int) -> Any:
-        return self.call(f"reading project {project}", self.client.projects.get, id=project)
-
-    def view_filters(self, view: int, project: int) -> dict[str, Any]:
-        got = self.call(f"reading view {view}", self.client.views.get, id=str(view))
-        if got.project is not None and int(got.project) != project:
-            raise PrelabelError(f"view {view} belongs to project {got.project}, not {project}")
-        return (got.data or {}).get("filters") or {"conjunction": "and", "items": []}
-
-    def task_ids(self, project: int, query: str) -> list[int]:
-        """Ids of the tasks in scope, in id order (a snapshot: later writes can't shift the pages)."""
-        from label_studio_sdk.core.api_error import ApiError
-
-        ids: list[int] = []
-        for page in itertools.count(1):
-            try:
-                got = self.call(
-                    f"listing the tasks of project {project} (page {page})",
-                    self.client.tasks.list,
-                    project=project,
-                    query=query,
-                    fields="task_only",
-                    include="id",
-                    page=page,
-                    page_size=ID_PAGE,
-                )
-            except ApiError as e:
-                if e.status_code == 404 and page > 1:  # past the last page
-                    break
-                raise
-            items = got.items or []
-            ids.extend(int(t.id) for t in items)
-            total = getattr(got.response, "total", None)
-            # a server may cap page_size below ID_PAGE: stop on the total, not on a short page
-            if not items or (total is not None and len(ids) >= total):
-                break
-        return list(dict.fromkeys(ids))
-
-    def tasks(self, project: int, ids: list[int], with_data: bool = True) -> dict[int, dict[str, Any]]:
-        """{id: {"id", "data", "versions"}} of those of these tasks that still exist, PAGE per request."""
-        include = "id,data,predictions_model_versions" if with_data else "id,predictions_model_versions"
-        found: dict[int, dict[str, Any]] = {}
-        for start in range(0, len(ids), PAGE):
-            chunk = ids[start : start + PAGE]
-            got = self.call(
-                f"reading {len(chunk)} task(s) of project {project}",
-                self.client.tasks.list,
-                project=project,
-                query=json.dumps({"selectedItems": {"all": False, "included": chunk}}),
-                # "all": predictions_model_versions is only filled in then; include keeps the rest out
-                fields="all",
-                include=include,
-                resolve_uri=False,  # as Label Studio sends tasks to /predict: storage URIs unresolved
-                page=1,
-                page_size=len(chunk),
-            )
-            for t in got.items or []:
-                versions = _versions(t.predictions_model_versions)
-                found[int(t.id)] = {"id": int(t.id), "data": t.data, "versions": versions}
-        return found
-
-    def prediction_ids(self, task: int, version: str) -> list[int]:
-        got = self.call(f"reading task {task}'s predictions", self.client.predictions.list, task=task)
-        return sorted(int(p.id) for p in got if p.model_version == version)
-
-
-def _versions(value: Any) -> set[str]:
-    # Label Studio joins the task's distinct prediction versions with commas
-    if isinstance(value, str):
-        return {v.strip() for v in value.split(",") if v.strip()}
-    if isinstance(value, list | tuple | set):
-        return {str(v) for v in value}
-    return set()
-
-
-def _retry_after(e: BaseException) -> float | None:
-    headers = getattr(e, "headers", None) or {}
-    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 # -- a worker: predicts a batch and writes it --------------------------------------------------------
@@ -464,118 +322,6 @@ class BatchWorker:
         return max(0, len(ids) - 1)
 
 
-# -- progress ----------------------------------------------------------------------------------------
-
-
-class Progress:
-    """One redrawn line on a terminal; elsewhere (logs, CI) a plain line every `every` s or 10%."""
-
-    def __init__(self, total: int, stream: TextIO, every: float = 10.0) -> None:
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.every = 0.25 if self.tty else every
-        self.todo = total  # shrinks as already-predicted tasks are found
-        self.predicted = self.failed = self.skipped = 0
-        self.started: float | None = None  # first batch handed out: rate and ETA count from there
-        self.last_shown = 0.0
-        self.last_step = -1
-        self.drawn = False
-        self.shown: tuple[int, int] | None = None  # (done, skipped) of the last line shown
-
-    def begin(self) -> None:
-        if self.started is None:
-            self.started = time.monotonic()
-
-    def update(self, predicted: int = 0, failed: int = 0, skipped: int = 0) -> None:
-        self.predicted += predicted
-        self.failed += failed
-        self.skipped += skipped
-        self.todo -= skipped
-        now = time.monotonic()
-        step = int(10 * self.done / self.todo) if self.todo else 10
-        timely = now - self.last_shown >= self.every and (self.done or self.skipped)
-        if timely or (not self.tty and self.done and step > self.last_step):
-            self.show()
-            self.last_step = step
-
-    @property
-    def done(self) -> int:
-        return self.predicted + self.failed
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.started if self.started is not None else 0.0
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        left = max(0, self.todo - self.done)
-        eta = _duration(left / rate) if rate > 0 else "0s" if not left else "?"
-        pct = 100.0 * self.done / self.todo if self.todo else 100.0
-        bar = ""
-        if self.tty:
-            filled = int(20 * pct / 100)
-            bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-        return (
-            f"{bar}{self.done}/{self.todo} tasks ({pct:.0f}%)  {rate:.1f} tasks/s  ETA {eta}  "
-            f"predicted {self.predicted}  failed {self.failed}  already predicted {self.skipped}"
-        )
-
-    def show(self) -> None:
-        self.last_shown = time.monotonic()
-        self.shown = (self.done, self.skipped)
-        if self.tty:
-            self.stream.write("\r" + self._fit(self.line()) + "\x1b[K")
-            self.drawn = True
-        else:
-            self.stream.write("  " + self.line() + "\n")
-        self.stream.flush()
-
-    def write(self, text: str) -> None:
-        """A log line, without garbling the progress line."""
-        if self.tty and self.drawn:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(text.rstrip("\n") + "\n")
-        if self.tty and self.drawn:
-            self.stream.write(self._fit(self.line()) + "\x1b[K")
-        self.stream.flush()
-
-    @staticmethod
-    def _fit(line: str) -> str:
-        # a wrapped line can't be redrawn with \r: cut it to the terminal's width
-        return line[: max(20, shutil.get_terminal_size((120, 24)).columns - 1)]
-
-    def close(self) -> None:
-        if self.shown != (self.done, self.skipped) and (self.done or self.skipped or self.shown):
-            self.show()
-        if self.tty and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class _ProgressLog(logging.Handler):
-    """Log lines to the progress stream, between progress lines."""
-
-    def __init__(self, progress: Progress, verbose: bool) -> None:
-        super().__init__(logging.INFO if verbose else logging.WARNING)
-        self.progress, self.verbose = progress, verbose
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # per-task "no prediction" lines are in the report at the end; shown as they happen with -v
-        if not self.verbose and record.name == "backend.predict" and str(record.msg).startswith("task %s"):
-            return False
-        return super().filter(record)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.progress.write(self.format(record))
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -682,7 +428,7 @@ def run(
     stream.flush()
     progress = Progress(len(ids), stream, progress_every)
     root = logging.getLogger()
-    handler = _ProgressLog(progress, job.verbose)
+    handler = ProgressLog(progress, job.verbose)
     previous_level = root.level
     root.addHandler(handler)
     root.setLevel(min(previous_level or logging.WARNING, handler.level))
@@ -727,7 +473,7 @@ def run(
 
 def summary(report: Report, limit: int = 20) -> str:
     lines = [
-        f"{'stopped' if report.aborted else 'done'} in {_duration(report.seconds)}: "
+        f"{'stopped' if report.aborted else 'done'} in {duration(report.seconds)}: "
         f"predicted {report.predicted}, failed {len(report.failed)}, already predicted {report.skipped}"
         + (f", deleted meanwhile {report.gone}" if report.gone else "")
         + f" (of {report.total} tasks; model_version {report.model_version})"

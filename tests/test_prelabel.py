@@ -323,7 +323,8 @@ def test_lost_answers_and_transient_errors_leave_one_prediction(
 ):
     from label_studio_sdk.client import LabelStudio
 
-    from backend.prelabel import Api, Job, Scope, run
+    from backend.label_studio_api import Api
+    from backend.prelabel import Job, Scope, run
 
     url, token = label_studio
     project = ls.projects.create(title="prelabel, faults", label_config=CONFIG)

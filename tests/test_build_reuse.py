@@ -136,6 +136,12 @@ def test_skip_if_built(tmp_path, capsys):
     assert blip_build([*argv, "--force"]) == 0
     assert "decoder.bin" in capsys.readouterr().err
 
+    # nor is one an older blip-build wrote (another manifest format), e.g. a previous release's volume
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    assert blip_build([*argv, "--force"]) == 0
+    assert "manifest format 1" in capsys.readouterr().err
+
     # nor is an interrupted build (the record is written last)
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["build"]

@@ -196,10 +196,10 @@ class Blip:
         if len(questions) != len(embeds):
             raise ValueError(f"{len(embeds)} images but {len(questions)} question lists")
         pairs = [(i, q) for i, qs in enumerate(questions) for q in qs]
-        flat: list[Generated] = []
         if not pairs:
             return [[] for _ in questions]
         q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs])
+        flat: list[Generated] = []
         for c in range(0, len(pairs), ANSWER_BATCH):
             chunk = slice(c, c + ANSWER_BATCH)
             start = np.full((len(pairs[chunk]), 1), self.tokens["decoder_start"], dtype=np.int64)

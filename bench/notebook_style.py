@@ -8,9 +8,9 @@ again: a caption and three questions about one image encode that image four time
 
 INT8 as in the notebook and the seed: the encoders are the same NNCF-quantized IRs this project
 builds (same calibration, same settings; our question encoder is two IRs, run back to back here),
-the decoder gets INT8_ASYM weight compression. Decoding is
-a plain numpy greedy loop, one question at a time; the notebook wraps the IR in transformers'
-`generate`, which only adds overhead, so speed-ups over this reference are conservative.
+the decoder gets INT8_ASYM weight compression. Decoding is a plain numpy greedy loop, one question
+at a time; the notebook wraps the IR in transformers' `generate`, which only adds overhead, so
+speed-ups over this reference are conservative.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """NNCF INT8: post-training quantization of the encoders, weight compression of the decoder.
 
-Vision encoder and text encoder get full INT8 (weights and activations) with NNCF's transformer
-preset, calibrated on the user's images and questions. The decoder and its cross-attention
+The vision encoder and the question encoder (`text_encoder_kv` and `text_encoder`) get full INT8
+(weights and activations) with NNCF's transformer preset, calibrated on the user's images and
+questions. The decoder and its cross-attention
 projections get weight-only compression: quantizing the decoder's activations costs accuracy
 (DESIGN.md), and its step is bound by weight reads anyway.
 """

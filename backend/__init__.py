@@ -1,1 +1,11 @@
-"""Label Studio ML backend: BLIP captions and answers on OpenVINO, without torch."""
+"""The serving side: BLIP on OpenVINO, without torch, behind Label Studio's ML backend protocol.
+
+    runtime/    BLIP on OpenVINO: a model directory -> captions, answers, ranked choices
+    annotate/   Label Studio's side: labeling config -> asks, task images, tasks -> predictions
+    server/     the ML backend protocol on Flask (gunicorn: backend.server.wsgi:app)
+    prelabel/   `blip-backend prelabel`: a whole project through Label Studio's API, resumable, Ray optional
+    __main__    the `blip-backend` command (ask, serve, prelabel)
+
+Imports point one way: runtime <- annotate <- {server, prelabel} <- __main__; model_build and bench use
+runtime (and annotate, for calibration data); tests/test_layers.py enforces it.
+"""

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from backend.manifest import ModelDirError
+from backend.runtime.manifest import ModelDirError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve the Label Studio ML backend with gunicorn",
-        description="Runs gunicorn on backend.wsgi:app. The model directory comes from $MODEL_DIR; see "
-        "README.md for LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/PASS, DEVICE, LOG_LEVEL.",
+        description="Runs gunicorn on backend.server.wsgi:app. The model directory comes from $MODEL_DIR; "
+        "see README.md for LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/PASS, DEVICE, LOG_LEVEL.",
     )
     serve.add_argument(
         "--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address [$HOST or 0.0.0.0]"
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model-dir", default=os.environ.get("MODEL_DIR"), help="model directory [$MODEL_DIR]"
     )
-    from backend import prelabel
+    from backend.prelabel import cli as prelabel
 
     prelabel.add_arguments(
         sub.add_parser(
@@ -91,7 +91,7 @@ def gunicorn_argv(args: argparse.Namespace) -> list[str]:
         os.environ.get("LOG_LEVEL", "info").lower(),
         # no --preload: OpenVINO's thread pools don't survive fork, each worker loads the model itself
         *_no_control_socket(),
-        "backend.wsgi:app",
+        "backend.server.wsgi:app",
     ]
 
 
@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
     if not args.model_dir:
         print("blip-backend: error: no model directory: pass --model-dir or set MODEL_DIR", file=sys.stderr)
         return 2
-    from backend.manifest import load_manifest
+    from backend.runtime.manifest import load_manifest
 
     try:
         load_manifest(args.model_dir, verify_hashes=False)  # fail here, not in every worker
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "prelabel":
-        from backend import prelabel
+        from backend.prelabel import cli as prelabel
 
         return prelabel.main(args)
     if not args.model_dir:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from PIL import Image
 
-    from backend.blip import Blip
+    from backend.runtime.blip import Blip
 
     try:
         blip = Blip(args.model_dir, device=args.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.blip import Blip
+from backend.runtime.blip import Blip
 from model_build.report import median_ms
 
 HINTS = ("f32", "bf16")

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backend.blip import ov_config
-from backend.manifest import load_manifest
-from backend.preprocess import TextCodec, pixel_values
+from backend.runtime.blip import ov_config
+from backend.runtime.manifest import load_manifest
+from backend.runtime.preprocess import TextCodec, pixel_values
 from model_build.graphs import CrossKV, DecoderStep
 
 

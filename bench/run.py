@@ -10,13 +10,13 @@ same generation lengths (20 new tokens per caption, 10 per answer, forced: rando
 otherwise stop at arbitrary points), on the same number of threads; times are medians over
 --repeats runs after a warm-up.
 
-Contenders: (1) transformers PyTorch eager, written as a user would: a caption from the decoder on
-the image embeddings, each question through `BlipForQuestionAnswering.generate`; (2) the notebook-style
-OpenVINO INT8 pipeline of bench/notebook_style.py; (3) this project FP16 and (4) INT8 (backend.blip.Blip
-with its defaults). Workloads: vision encoder; caption; one question; a pre-labeling task (caption +
-3 questions about one image); 16 such tasks through the real backend (`/predict` under gunicorn) as
-tasks/s with the serving process's peak RSS; and the build itself (export + INT8 on 300 calibration
-samples). Results are printed and written to --out as JSON.
+Contenders: (1) transformers PyTorch eager, written as a user would: a caption from the decoder on the
+image embeddings, each question through `BlipForQuestionAnswering.generate`; (2) the notebook-style
+OpenVINO INT8 pipeline of bench/notebook_style.py; (3) this project FP16 and (4) INT8
+(backend.runtime.blip.Blip with its defaults). Workloads: vision encoder; caption; one question; a
+pre-labeling task (caption + 3 questions about one image); 16 such tasks through the real backend
+(`/predict` under gunicorn) as tasks/s with the serving process's peak RSS; and the build itself (export
++ INT8 on 300 calibration samples). Results are printed and written to --out as JSON.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from backend.blip import Blip  # noqa: E402
+from backend.runtime.blip import Blip  # noqa: E402
 from model_build.calibration import synthetic  # noqa: E402
 from model_build.export import build  # noqa: E402
 from model_build.quantize import QuantSettings  # noqa: E402

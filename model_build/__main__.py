@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.manifest import ModelDirError
+from backend.runtime.manifest import ModelDirError
 
 
 def parser() -> argparse.ArgumentParser:

@@ -121,8 +121,8 @@ def _from_tasks(
     api_key: str | None,
     base: Path | None,
 ) -> Calibration:
-    from backend.images import ImageError, ImageLoader
-    from backend.labeling import ConfigError, plan
+    from backend.annotate.images import ImageError, ImageLoader
+    from backend.annotate.labeling import ConfigError, plan
 
     try:
         asks = plan(label_config).asks if label_config else ()

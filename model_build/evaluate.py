@@ -25,8 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from backend.blip import Blip
-from backend.manifest import ModelDirError
+from backend.runtime.blip import Blip
+from backend.runtime.manifest import ModelDirError
 
 _NUMBERS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",

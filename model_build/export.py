@@ -1,4 +1,4 @@
-"""Export a BLIP checkpoint to an OpenVINO model directory (see backend/manifest.py for the layout)."""
+"""Export a BLIP checkpoint to an OpenVINO model directory (backend/runtime/manifest.py: the layout)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 import openvino as ov
 import torch
 
-from backend.manifest import FORMAT, MANIFEST, file_entry
+from backend.runtime.manifest import FORMAT, MANIFEST, file_entry
 from model_build.calibration import Calibration, synthetic, with_questions
 from model_build.graphs import CrossKV, DecoderStep, TextEncoder, VisionEncoder
 from model_build.quantize import QuantSettings
@@ -93,7 +93,7 @@ def _build_int8(
     min_agreement: float,
     stages: int,
 ) -> dict[str, Any]:
-    from backend.blip import Blip
+    from backend.runtime.blip import Blip
     from model_build import report
     from model_build.quantize import Calibration, quantize_parts
 

@@ -10,7 +10,7 @@ encoder and the decoder are re-expressed here over the checkpoint's own weights:
   question about it.
 - `TextEncoder`: questions + their images' precomputed K/V -> question embeddings.
 - `DecoderStep`: new token ids + explicit self-attention cache + precomputed cross K/V -> logits
-  and the grown cache. Serving drives it from a numpy loop (backend/generate.py).
+  and the grown cache. Serving drives it from a numpy loop (backend/runtime/generate.py).
 
 Shapes (L layers, H heads, D head size, E encoder width, V vocab):
     cross_kv  [L, 2, B, H, S, D]      keys at index 0, values at index 1

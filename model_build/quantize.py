@@ -23,8 +23,8 @@ from nncf.quantization.advanced_parameters import (
     AdvancedSmoothQuantParameters,
 )
 
-from backend.blip import Blip, encode_images, ov_config
-from backend.preprocess import pixel_values
+from backend.runtime.blip import Blip, encode_images, ov_config
+from backend.runtime.preprocess import pixel_values
 from model_build.calibration import Sample
 
 WEIGHT_MODES = ("int8_asym", "int8_sym", "int4_asym", "int4_sym")

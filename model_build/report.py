@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from backend.blip import Blip
+from backend.runtime.blip import Blip
 from model_build.calibration import Sample
 from model_build.quantize import agreement, exact_match
 

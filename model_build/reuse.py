@@ -16,7 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from backend.manifest import FORMAT, MANIFEST, ModelDirError, load_manifest
+from backend.runtime.manifest import FORMAT, MANIFEST, ModelDirError, load_manifest
 
 TOOLS = ("blip-openvino-labeler", "openvino", "nncf", "torch", "transformers")
 

@@ -23,7 +23,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def blip(tiny_dir: Path):
-    from backend.blip import Blip
+    from backend.runtime.blip import Blip
 
     return Blip(tiny_dir)
 

@@ -16,8 +16,8 @@ import pytest
 from fake_files import FileServer, bomb_png
 from templates import CAPTIONING, vqa
 
-from backend.app import Settings, create_app
-from backend.labeling import DEFAULT_THRESHOLD
+from backend.annotate.labeling import DEFAULT_THRESHOLD
+from backend.server.app import Settings, create_app
 from model_build.tiny_blip.synthetic import COLOURS, COUNTS, HELD_OUT_SEED, make_scenes
 
 # Label Studio's "Visual Question Answering" template, unchanged, plus a control the backend leaves alone
@@ -467,7 +467,7 @@ def test_serve_runs_gunicorn_with_the_environment(monkeypatch, tmp_path, capsys)
     monkeypatch.setenv("PORT", "9191")
     argv = gunicorn_argv(parser().parse_args(["serve"]))
     flags = dict(zip(argv[3:-1:2], argv[4::2]))
-    assert argv[1:3] == ["-m", "gunicorn"] and argv[-1] == "backend.wsgi:app"
+    assert argv[1:3] == ["-m", "gunicorn"] and argv[-1] == "backend.server.wsgi:app"
     assert flags["--bind"] == "0.0.0.0:9191" and flags["--workers"] == "3" and flags["--threads"] == "5"
     assert flags["--timeout"] == "0" and "--preload" not in argv  # OpenVINO does not survive fork
     argv = gunicorn_argv(parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "8000"]))

@@ -80,7 +80,7 @@ def backend_reads(monkeypatch) -> set[str]:
     import gunicorn.config  # noqa: F401  (its own settings are read on import: not ours)
 
     from backend import __main__ as cli
-    from backend.app import Settings
+    from backend.server.app import Settings
 
     commands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
     serve = commands.choices["serve"]
@@ -429,7 +429,7 @@ def test_backend_image_set_has_no_torch(serving_venv):
         "import importlib, json\n"
         "found = {}\n"
         "for m in ('torch', 'transformers', 'nncf', 'openvino', 'tokenizers', 'label_studio_sdk', 'flask',\n"
-        "          'gunicorn', 'backend.app'):\n"
+        "          'gunicorn', 'backend.server.app'):\n"
         "    try:\n"
         "        importlib.import_module(m); found[m] = True\n"
         "    except ImportError:\n"

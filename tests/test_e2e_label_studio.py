@@ -138,7 +138,7 @@ def version(health):
 @pytest.fixture(scope="module")
 def scenes(health, tiny_dir):
     """Held-out scenes the served model (same precision) gets entirely right, as in test_backend_api."""
-    from backend.blip import Blip
+    from backend.runtime.blip import Blip
 
     blip = Blip(tiny_dir, precision=health["precision"])
     pool = make_scenes(60, HELD_OUT_SEED)

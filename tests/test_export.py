@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForQuestionAnswering
 
-from backend.blip import Blip
+from backend.runtime.blip import Blip
 from model_build.export import build
 from model_build.random_blip import make_random_blip
 from model_build.tiny_blip import CHECKPOINT_DIR

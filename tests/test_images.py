@@ -1,4 +1,4 @@
-"""backend.images: every place Label Studio keeps images, every pixel format, and the limits."""
+"""backend.annotate.images: every place Label Studio keeps images, every pixel format, and the limits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from fake_files import FileServer, bomb_png
 from PIL import Image
 
-from backend.images import ImageError, ImageLoader, decode, to_rgb
+from backend.annotate.images import ImageError, ImageLoader, decode, to_rgb
 
 
 def png(image: Image.Image, **kw) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from templates import vqa
 
-from backend.blip import Blip
+from backend.runtime.blip import Blip
 from model_build.__main__ import main
 from model_build.tiny_blip.synthetic import make_scenes
 
@@ -82,7 +82,7 @@ def test_impossible_min_agreement_fails_and_leaves_int8_unserved(image_folder: P
     assert manifest["int8"]["serve"] is False
     assert Blip(out).precision == "fp16"
     # and the backend, given no PRECISION, serves FP16 too
-    from backend.app import Settings, create_app
+    from backend.server.app import Settings, create_app
 
     health = create_app(out, settings=Settings()).test_client().get("/health").get_json()
     assert health["precision"] == "fp16"

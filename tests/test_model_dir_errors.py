@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.blip import Blip
-from backend.manifest import ModelDirError
+from backend.runtime.blip import Blip
+from backend.runtime.manifest import ModelDirError
 
 
 def test_missing_directory(tmp_path: Path):

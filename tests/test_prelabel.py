@@ -72,9 +72,7 @@ def scenes(blip):
 
 @pytest.fixture(scope="module")
 def version(blip):
-    from backend.predict import model_version
-
-    return model_version(blip)
+    return blip.model_version
 
 
 def data_uri(image) -> str:
@@ -150,7 +148,7 @@ def cli(label_studio, project: int, tiny_dir: Path, *more: str) -> list[str]:
 def test_every_task_predicted_once_as_predict_would(
     ls, label_studio, tiny_dir, blip, scenes, version, capsys
 ):
-    from backend.app import Settings, create_app
+    from backend.server.app import Settings, create_app
 
     batch = scenes[:60]
     project = make_project(ls, label_studio, batch, "prelabel")
@@ -323,8 +321,9 @@ def test_lost_answers_and_transient_errors_leave_one_prediction(
 ):
     from label_studio_sdk.client import LabelStudio
 
-    from backend.label_studio_api import Api
-    from backend.prelabel import Job, Scope, run
+    from backend.prelabel.api import Api
+    from backend.prelabel.job import Job
+    from backend.prelabel.run import Scope, run
 
     url, token = label_studio
     project = ls.projects.create(title="prelabel, faults", label_config=CONFIG)

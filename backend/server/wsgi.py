@@ -1,4 +1,4 @@
-"""gunicorn entry point: `gunicorn backend.wsgi:app` (or `blip-backend serve`).
+"""gunicorn entry point: `gunicorn backend.server.wsgi:app` (or `blip-backend serve`).
 
 Each worker imports this module and loads the model itself. Do not run gunicorn with --preload:
 OpenVINO's thread pools do not survive fork.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from backend.app import create_app
+from backend.server.app import create_app
 
 _level = logging.getLevelName(os.environ.get("LOG_LEVEL", "INFO").upper())
 logging.basicConfig(

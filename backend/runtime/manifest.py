@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST = "manifest.json"
@@ -82,6 +83,20 @@ class Manifest:
                 for f in self.data["parts"][precision][part]["files"]:
                     digest.update(f["sha256"].encode())
         return digest.hexdigest()[:8]
+
+    def model_version(self, precision: str) -> str:
+        """`<checkpoint>-<precision>-<fingerprint>`: differs iff the served weights differ.
+
+        Label Studio stores it with each prediction, so it must not change between requests of one
+        build (or "Retrieve predictions" stores them again) and must change with the weights.
+        """
+        source = str(self.data["source"].get("model", "blip")).rstrip("/")
+        path = PurePosixPath(source.replace("\\", "/"))
+        name = path.name
+        if name.lower() in ("", "checkpoint", "model", "models", "."):
+            name = path.parent.name or "blip"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "blip"
+        return f"{name}-{precision}-{self.fingerprint}"
 
 
 def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> Manifest:

@@ -7,6 +7,8 @@ import shutil
 import time
 from typing import TextIO
 
+from backend.annotate.predict import log as predict_log
+
 
 class Progress:
     """One redrawn line on a terminal; elsewhere (logs, CI) a plain line every `every` s or 10%."""
@@ -109,7 +111,7 @@ class ProgressLog(logging.Handler):
 
     def filter(self, record: logging.LogRecord) -> bool:
         # per-task "no prediction" lines are in the report at the end; shown as they happen with -v
-        if not self.verbose and record.name == "backend.predict" and str(record.msg).startswith("task %s"):
+        if not self.verbose and record.name == predict_log.name and str(record.msg).startswith("task %s"):
             return False
         return super().filter(record)
 

@@ -13,21 +13,19 @@ are one call and choices are ranked in one call per (question, candidates).
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import is_cloud_storage_uri
 
-from backend.blip import Blip
-from backend.images import ImageError, ImageLoader
-from backend.labeling import Ask, Plan
+from backend.annotate.images import ImageError, ImageLoader
+from backend.annotate.labeling import Ask, Plan
+from backend.runtime.blip import Blip
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +37,6 @@ FETCH_THREADS = 4  # parallel downloads; they wait on the network, not the CPU
 UNDEFINED = "$undefined$"
 
 Entry = dict[str, Any] | list  # a task's prediction, or [] when it failed
-
-
-def model_version(blip: Blip) -> str:
-    """`<checkpoint>-<precision>-<fingerprint>`: differs iff the served weights differ."""
-    source = str(blip.manifest.data["source"].get("model", "blip")).rstrip("/")
-    path = PurePosixPath(source.replace("\\", "/"))
-    name = path.name
-    if name.lower() in ("", "checkpoint", "model", "models", "."):
-        name = path.parent.name or "blip"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "blip"
-    return f"{name}-{blip.precision}-{blip.manifest.fingerprint}"
 
 
 @dataclass
@@ -86,7 +73,7 @@ class Predictor:
     def __init__(self, blip: Blip, chunk: int = CHUNK) -> None:
         self.blip = blip
         self.chunk = max(1, chunk)
-        self.model_version = model_version(blip)
+        self.model_version = blip.model_version
         # one inference at a time: OpenVINO already uses every core for one call, and THREADS>1
         # gunicorn threads running models side by side would only oversubscribe them
         self.lock = threading.Lock()

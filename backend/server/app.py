@@ -1,6 +1,6 @@
 """The Label Studio ML backend protocol on Flask: /setup, /predict, /health, /metrics, /webhook.
 
-    app = create_app()          # MODEL_DIR, DEVICE, ... from the environment (see backend/wsgi.py)
+    app = create_app()          # MODEL_DIR, DEVICE, ... from the environment (see backend/server/wsgi.py)
 
 The model is loaded once, when the app is created (one per gunicorn worker), never per request:
 Label Studio gives /setup 3 s and /health 1 s.
@@ -19,10 +19,10 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from backend.blip import Blip
-from backend.images import ImageLoader
-from backend.labeling import ConfigError, plan
-from backend.predict import Predictor
+from backend.annotate.images import ImageLoader
+from backend.annotate.labeling import ConfigError, plan
+from backend.annotate.predict import Predictor
+from backend.runtime.blip import Blip
 
 log = logging.getLogger(__name__)
 

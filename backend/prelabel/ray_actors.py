@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from backend.label_studio_api import PrelabelError, Unreachable
-from backend.prelabel import BatchResult, BatchWorker, Job, Outcome, RayOptions, Stopped
+from backend.prelabel.job import BatchResult, Job, Outcome, PrelabelError, RayOptions, Stopped, Unreachable
+from backend.prelabel.worker import BatchWorker
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import numpy as np
 import openvino as ov
 from PIL import Image
 
-from backend.generate import Settings, beam_search, greedy, log_softmax
-from backend.manifest import Manifest, load_manifest
-from backend.preprocess import TextCodec, pixel_values
+from backend.runtime.generate import Settings, beam_search, greedy, log_softmax
+from backend.runtime.manifest import Manifest, load_manifest
+from backend.runtime.preprocess import TextCodec, pixel_values
 
 Images = Sequence[Image.Image] | np.ndarray  # PIL images, or image embeddings from `Blip.encode`
 
@@ -130,6 +130,11 @@ class Blip:
             part: core.compile_model(self.manifest.part_xml(precision, part), device, config)
             for part in m["parts"][precision]
         }
+
+    @property
+    def model_version(self) -> str:
+        """What Label Studio stores with each prediction of this build (see Manifest.model_version)."""
+        return self.manifest.model_version(self.precision)
 
     # -- the parts -------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Retries are ours, not the SDK's (`NO_SDK_RETRIES`): the SDK would repeat a POST blindly, and a
 prediction written twice is a duplicate. Reads are safe to repeat; writes are made by the caller
-(backend/prelabel.py), which checks before repeating one.
+(worker.py), which checks before repeating one.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from backend.prelabel import Job
+from backend.prelabel.job import Job, PrelabelError, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +23,6 @@ ID_PAGE = 1000  # task ids per listing request
 PAGE = 100  # tasks (with data) per request
 RETRY_CAP = 60.0  # longest wait between two attempts, seconds
 NO_SDK_RETRIES = {"max_retries": 0}  # retries are ours: the SDK would repeat a POST blindly
-
-
-class PrelabelError(Exception):
-    """The run cannot start (bad project, view, filter, config or model directory): exit code 2."""
-
-
-class Unreachable(Exception):
-    """Label Studio kept failing after every retry: the run stops (exit code 3); rerun to resume."""
 
 
 def transient(e: BaseException) -> bool:

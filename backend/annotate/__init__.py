@@ -1,0 +1,8 @@
+"""Label Studio tasks -> predictions, shared by the server and the bulk command.
+
+    labeling    labeling config -> asks (what each TextArea/Choices control wants predicted)
+    images      the task's image, wherever Label Studio keeps it (uploads, local files, cloud, URLs)
+    predict     tasks + asks -> batched BLIP calls -> one prediction entry per task
+
+May use backend.runtime only.
+"""

@@ -1,0 +1,7 @@
+"""The Label Studio ML backend protocol on Flask: /setup, /predict, /health, /metrics, /webhook.
+
+    app     create_app(): settings from the environment, the model loaded once, the routes
+    wsgi    the gunicorn entry point (`blip-backend serve` runs `gunicorn backend.server.wsgi:app`)
+
+May use backend.runtime and backend.annotate.
+"""

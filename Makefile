@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= .cache/models/tiny
 SAMPLES := model_build/tiny_blip/samples
 
-.PHONY: test demo lint clean serve bench
+.PHONY: test demo lint clean serve bench quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ demo: $(VENV)/.installed-build $(MODEL_DIR)/manifest.json
 # Speed side by side (PyTorch eager, notebook-style OpenVINO INT8, this project): see bench/run.py.
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# INT8 quality on the bundled test models: plain NNCF vs accuracy control, next to PyTorch (bench/quality.py).
+quality: $(VENV)/.installed-test
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

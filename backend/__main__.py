@@ -154,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     overrides = {"num_beams": args.beams} if args.beams else {}
     embeds = blip.encode(images)
-    captions = None if args.no_caption else blip.caption(embeds, args.prompt, **overrides)
+    captions = None
+    if not args.no_caption:  # a paired caption model has its own vision encoder
+        captioner = blip.captioner
+        seen = embeds if captioner is blip else captioner.encode(images)
+        captions = captioner.caption(seen, args.prompt, **overrides)
     if args.choices:
         choices = [c.strip() for c in args.choices.split(",") if c.strip()]
         ranked = [blip.rank(embeds, q, choices) for q in args.question]

@@ -2,8 +2,10 @@
 # Entry point of the model-build image (docker-compose.yml): environment variables -> `blip-build` flags.
 # Builds $MODEL_ID into $MODEL_DIR, or does nothing when it already holds that build (--skip-if-built).
 #
-#   MODEL_ID (tiny)  MODEL_REVISION  INT8 (true)  SUBSET_SIZE (300)  MIN_AGREEMENT (0)  WEIGHTS (int8_asym)
-#   SEED (0)  FORCE_REBUILD (false)  BUILD_ARGS (more blip-build flags)
+#   MODEL_ID (tiny)  MODEL_REVISION  CAPTION_MODEL (a captioning checkpoint that captions)  INT8 (true)
+#   SUBSET_SIZE (300)  TARGET_AGREEMENT (0.99)
+#   MIN_AGREEMENT (empty: INT8 below the target is not served, and the build still succeeds)
+#   WEIGHTS (int8_asym)  SEED (0)  FORCE_REBUILD (false)  BUILD_ARGS (more blip-build flags)
 #   calibration, first that applies: CALIBRATION_PROJECT (a Label Studio project id, with LABEL_STUDIO_URL
 #   and LABEL_STUDIO_API_KEY), CALIBRATION_EXPORT (+ CALIBRATION_LABEL_CONFIG), images in
 #   $CALIBRATION_DIR (/calibration; questions in its questions.txt or questions.jsonl), else synthetic
@@ -25,9 +27,15 @@ fi
 if [ -n "${MODEL_REVISION:-}" ]; then
     set -- "$@" --revision "$MODEL_REVISION"
 fi
+if [ -n "${CAPTION_MODEL:-}" ]; then
+    set -- "$@" --caption-model "$CAPTION_MODEL"
+fi
 if is_true "${INT8:-true}"; then
-    set -- "$@" --subset-size "${SUBSET_SIZE:-300}" --min-agreement "${MIN_AGREEMENT:-0}" \
+    set -- "$@" --subset-size "${SUBSET_SIZE:-300}" --target-agreement "${TARGET_AGREEMENT:-0.99}" \
         --weights "${WEIGHTS:-int8_asym}" --seed "${SEED:-0}"
+    if [ -n "${MIN_AGREEMENT:-}" ]; then
+        set -- "$@" --min-agreement "$MIN_AGREEMENT"
+    fi
     if [ -n "${CALIBRATION_PROJECT:-}" ]; then
         set -- "$@" --project "$CALIBRATION_PROJECT"
     elif [ -n "${CALIBRATION_EXPORT:-}" ]; then

@@ -28,6 +28,9 @@ class QualityGateError(BuildError):
     """INT8 was built but agrees with FP16 less than required; it is marked not to be served."""
 
 
+CAPTION_DIR = "caption"  # the paired caption model's directory inside the model directory
+
+
 # Used when the checkpoint's generation config does not say: greedy, and BLIP's answer length.
 DEFAULT_GENERATION = {
     "caption": {"num_beams": 1, "max_new_tokens": 20, "min_new_tokens": 0, "repetition_penalty": 1.0},
@@ -47,21 +50,74 @@ def build(
     int8: bool = True,
     calibration: Callable[[int], Calibration] | None = None,
     quant: QuantSettings | None = None,
-    min_agreement: float = 0.0,
+    min_agreement: float | None = None,
+    caption_model: str | None = None,
+    caption_revision: str | None = None,
 ) -> Path:
     """Export `source` into `out` (FP16, then INT8 unless int8=False); returns the model directory.
 
     `calibration(n)` returns up to n samples of the user's data (default: synthetic shapes, with a
-    warning). Raises BuildError on user errors, QualityGateError if INT8 agrees with FP16 less
-    than `min_agreement` (the directory is complete then, with INT8 marked not to be served).
+    warning). INT8 is served only if it agrees with FP16 on at least `min_agreement` of the held-out
+    asks (default: the target agreement accuracy control holds). With `caption_model`, a second
+    checkpoint is built alike into `out/caption` and captions come from it. Raises BuildError on user
+    errors, and QualityGateError only when `min_agreement` was given and missed (the directory is
+    complete then, with INT8 marked not to be served).
     """
     out = Path(out)
+    t0 = time.perf_counter()
+    _prepare_output(out, force)
+    manifest = _build_one(source, out, revision, int8, calibration, quant, min_agreement)
+    missed = [out] if int8 and not manifest["int8"]["serve"] else []
+    if caption_model is not None:
+        log(f"caption model: {caption_model} -> {out / CAPTION_DIR}")
+        sub = out / CAPTION_DIR
+        captions = _build_one(
+            caption_model, sub, caption_revision, int8, calibration, quant, min_agreement, tasks=["caption"]
+        )
+        if int8 and not captions["int8"]["serve"]:
+            missed.append(sub)
+        from backend.runtime.manifest import load_manifest
+
+        manifest["caption_model"] = {
+            "path": CAPTION_DIR,
+            "source": captions["source"],
+            "fingerprint": load_manifest(sub, verify_hashes=False).fingerprint,
+        }
+        _write_manifest(out, manifest)
+    log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
+    if min_agreement is not None and missed:
+        gates = [json.loads((d / MANIFEST).read_text())["int8"]["gate"] for d in missed]
+        raise QualityGateError(
+            "; ".join(
+                f"{d}: INT8 agrees with FP16 on {g['value']:.1%} of held-out asks, below --min-agreement "
+                f"{g['threshold']:.1%}; it will serve FP16"
+                for d, g in zip(missed, gates)
+            )
+        )
+    return out
+
+
+def _build_one(
+    source: str,
+    out: Path,
+    revision: str | None,
+    int8: bool,
+    calibration: Callable[[int], Calibration] | None,
+    quant: QuantSettings | None,
+    min_agreement: float | None,
+    tasks: list[str] | None = None,
+) -> dict[str, Any]:
+    """One checkpoint into `out` (emptied by the caller); `tasks` narrows what it is exported for."""
     quant = quant or QuantSettings()
     stages = 6 if int8 else 3
-    _prepare_output(out, force)
-    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     log(f"[1/{stages}] loading {source}" + (f" @ {revision}" if revision else ""))
     ckpt = load_checkpoint(source, revision)
+    if tasks:
+        unsupported = set(tasks) - set(ckpt.tasks)
+        if unsupported:
+            raise BuildError(f"{source}: cannot {', '.join(sorted(unsupported))} ({ckpt.architecture})")
+        ckpt.tasks = list(tasks)
     n_params = sum(p.numel() for p in ckpt.model.parameters())
     log(f"      {ckpt.architecture}, {n_params / 1e6:.1f}M parameters, tasks: {', '.join(ckpt.tasks)}")
     _check_free_space(out, needed=int(n_params * (3.5 if int8 else 2) * 1.3) + (50 << 20))
@@ -75,14 +131,7 @@ def build(
     del ckpt  # the torch model is not needed any more; INT8 works on the IR
     if int8:
         manifest = _build_int8(out, manifest, calibration, quant, min_agreement, stages)
-    log(f"done in {time.perf_counter() - t0:.1f} s: {out}")
-    if int8 and not manifest["int8"]["serve"]:
-        gate = manifest["int8"]["gate"]
-        raise QualityGateError(
-            f"INT8 agrees with FP16 on {gate['value']:.1%} of held-out asks, below --min-agreement "
-            f"{gate['min_agreement']:.1%}; {out} will serve FP16"
-        )
-    return out
+    return manifest
 
 
 def _build_int8(
@@ -90,33 +139,49 @@ def _build_int8(
     manifest: dict[str, Any],
     calibration: Callable[[int], Calibration] | None,
     quant: QuantSettings,
-    min_agreement: float,
+    min_agreement: float | None,
     stages: int,
 ) -> dict[str, Any]:
     from backend.runtime.blip import Blip
     from model_build import report
+    from model_build.accuracy import Control
+    from model_build.agreement import Reference, gate_value
     from model_build.quantize import Calibration, quantize_parts
 
     held_out_n = max(4, min(100, quant.subset_size // 5))
     t0 = time.perf_counter()
-    log(f"[4/{stages}] reading calibration data ({quant.subset_size} + {held_out_n} held out)")
-    data = (calibration or synthetic)(quant.subset_size + held_out_n)
+    log(
+        f"[4/{stages}] reading calibration data ({quant.subset_size} + {held_out_n} for accuracy control "
+        f"+ {held_out_n} held out)"
+    )
+    data = (calibration or synthetic)(quant.subset_size + 2 * held_out_n)
     data = with_questions(data)
     if data.warning:
         log(f"WARNING: {data.warning}")
     if data.skipped:
         log(f"      skipped {len(data.skipped)} unreadable image(s), e.g. {next(iter(data.skipped.items()))}")
-    # hold out a slice the quantizer never sees, to measure agreement honestly
+    # two slices the quantizer never calibrates on: one accuracy control steers by, one the gate measures
     n_held = min(held_out_n, max(1, len(data.samples) // 5))
-    calib, held_out = data.samples[:-n_held], data.samples[-n_held:]
-    log(f"      {data.source}: {len(calib)} calibration samples, {len(held_out)} held out")
+    calib, validation, held_out = (
+        data.samples[: -2 * n_held],
+        data.samples[-2 * n_held : -n_held],
+        data.samples[-n_held:],
+    )
+    if not calib:  # too few images for three slices: calibrate on the validation slice too
+        calib = validation
+    log(
+        f"      {data.source}: {len(calib)} calibration samples, {len(validation)} for accuracy control, "
+        f"{len(held_out)} held out"
+    )
 
     fp16 = Blip(out, precision="fp16")
+    control = Control(fp16, Reference(fp16, validation), quant.target_agreement)
     log(f"      read in {time.perf_counter() - t0:.1f} s")
-    log(f"[5/{stages}] quantizing with NNCF")
+    held = f", holding agreement with FP16 at {control.aim:.1%}" if quant.accuracy_control else ""
+    log(f"[5/{stages}] quantizing with NNCF{held}")
     xmls = {name: out / entry["files"][0]["path"] for name, entry in manifest["parts"]["fp16"].items()}
     calibration = Calibration(fp16, calib, quant.subset_size, out / "int8")
-    int8_parts = quantize_parts(xmls, out / "int8", calibration, quant)
+    int8_parts = quantize_parts(xmls, out / "int8", calibration, quant, control)
     parts = {**manifest["parts"], **_hashed(out, {"int8": int8_parts})}
     manifest = {**manifest, "parts": parts, "int8": {"serve": False}}
     _write_manifest(out, manifest)
@@ -125,15 +190,23 @@ def _build_int8(
     t0 = time.perf_counter()
     int8 = Blip(out, precision="int8")
     agreement = report.compare(fp16, int8, held_out)
-    value = report.gate_value(agreement)
+    value = gate_value(agreement)
+    threshold = quant.target_agreement if min_agreement is None else min_agreement
     result = {
         "sizes": report.sizes(manifest),
         "latency": report.latency({"fp16": fp16, "int8": int8}, held_out[0]),
         "agreement": agreement,
-        "gate": {"value": value, "min_agreement": min_agreement, "passed": value >= min_agreement},
+        "accuracy_control": control.report() if quant.accuracy_control else None,
+        "gate": {
+            "value": value,
+            "threshold": threshold,
+            "by": "target agreement" if min_agreement is None else "--min-agreement",
+            "passed": value >= threshold,
+        },
         "calibration": {
             "source": data.source,
             "samples": len(calib),
+            "validation": len(validation),
             "held_out": len(held_out),
             "skipped": data.skipped,
             "warning": data.warning,
@@ -160,7 +233,7 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 def export_parts(ckpt: Checkpoint, folder: Path) -> dict[str, dict[str, Any]]:
     """Convert each graph to an FP16-compressed IR in `folder`; returns manifest entries (no hashes yet)."""
     folder.mkdir(parents=True, exist_ok=True)
-    graphs = example_graphs(ckpt.model)
+    graphs = example_graphs(ckpt.model, answers="answer" in ckpt.tasks)
     parts: dict[str, dict[str, Any]] = {}
     for i, (name, (module, example, inputs, outputs)) in enumerate(graphs.items(), 1):
         t0 = time.perf_counter()
@@ -179,7 +252,7 @@ def export_parts(ckpt: Checkpoint, folder: Path) -> dict[str, dict[str, Any]]:
     return parts
 
 
-def example_graphs(model: torch.nn.Module) -> dict[str, tuple]:
+def example_graphs(model: torch.nn.Module, answers: bool = True) -> dict[str, tuple]:
     """name -> (module, example inputs, [(input name, shape, type)], [output names])."""
     vcfg, tcfg = model.config.vision_config, model.config.text_config
     size, width = vcfg.image_size, vcfg.hidden_size
@@ -198,7 +271,7 @@ def example_graphs(model: torch.nn.Module) -> dict[str, tuple]:
         )
     }
     kv_shape = [layers, 2, -1, heads, -1, head_size]
-    if hasattr(model, "text_encoder"):
+    if answers and hasattr(model, "text_encoder"):
         graphs["text_encoder_kv"] = (
             CrossKV(model.text_encoder.encoder.layer, heads),
             (torch.zeros(2, n_img, width),),
@@ -336,7 +409,7 @@ def _prepare_output(out: Path, force: bool) -> None:
             raise BuildError(f"{out}: folder is not empty; pass --force to replace its build")
         # the manifest goes first so a half-replaced directory is never mistaken for a complete build
         (out / MANIFEST).unlink(missing_ok=True)
-        for sub in ("fp16", "int8", "processor"):
+        for sub in ("fp16", "int8", "processor", CAPTION_DIR):
             shutil.rmtree(out / sub, ignore_errors=True)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,9 @@
 
 The vision encoder and the question encoder (`text_encoder_kv` and `text_encoder`) get full INT8
 (weights and activations) with NNCF's transformer preset, calibrated on the user's images and
-questions. The decoder and its cross-attention
-projections get weight-only compression: quantizing the decoder's activations costs accuracy
-(DESIGN.md), and its step is bound by weight reads anyway.
+questions. The decoder and its cross-attention projections get weight-only compression: quantizing the
+decoder's activations costs accuracy (DESIGN.md), and its step is bound by weight reads anyway. Every
+part is accuracy-controlled through the whole pipeline (model_build/accuracy.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from nncf.quantization.advanced_parameters import (
 
 from backend.runtime.blip import Blip, encode_images, ov_config
 from backend.runtime.preprocess import pixel_values
+from model_build.accuracy import TARGET_AGREEMENT, Control
 from model_build.calibration import Sample
 
 WEIGHT_MODES = ("int8_asym", "int8_sym", "int4_asym", "int4_sym")
@@ -38,6 +39,8 @@ class QuantSettings:
     weights: str = "int8_asym"  # decoder weight compression mode
     group_size: int | None = None  # INT4 only (NNCF default 128)
     ratio: float | None = None  # INT4 only: share of layers in INT4, the rest INT8 (NNCF default 1.0)
+    target_agreement: float = TARGET_AGREEMENT  # what accuracy control holds (model_build/accuracy.py)
+    accuracy_control: bool = True  # False: plain NNCF, the gate alone decides what is served
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
@@ -46,6 +49,8 @@ class QuantSettings:
             raise ValueError("group size and ratio apply to INT4 weight modes only")
         if self.subset_size < 1:
             raise ValueError("subset size must be at least 1")
+        if not 0.0 < self.target_agreement <= 1.0:
+            raise ValueError("target agreement must be in (0, 1]")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,8 @@ class QuantSettings:
             "weights": self.weights,
             "group_size": self.group_size,
             "ratio": self.ratio,
+            "target_agreement": self.target_agreement,
+            "accuracy_control": self.accuracy_control,
         }
 
 
@@ -118,49 +125,61 @@ class Calibration:
 
 
 def quantize_parts(
-    fp16: dict[str, Path], int8_dir: Path, calibration: Calibration, settings: QuantSettings
+    fp16: dict[str, Path],
+    int8_dir: Path,
+    calibration: Calibration,
+    settings: QuantSettings,
+    control: Control,
 ) -> dict[str, dict[str, Any]]:
-    """fp16 part name -> xml; writes the INT8 parts into int8_dir, returns manifest entries."""
+    """fp16 part name -> xml; writes the INT8 parts into int8_dir, returns manifest entries.
+
+    The weight-only parts first, then the fully quantized ones in pipeline order: each is calibrated on
+    what the INT8 parts before it produce, and validated with them in the pipeline.
+    """
     int8_dir.mkdir(parents=True, exist_ok=True)
     core = ov.Core()
-    parts = {}
-    steps = list(fp16)
-    for i, name in enumerate(steps, 1):
-        model = core.read_model(fp16[name])
+    weight_only = [name for name in fp16 if name not in Calibration.PARTS]
+    steps = [*weight_only, *(name for name in Calibration.PARTS if name in fp16)]
+    heads = {name: f"      {i}/{len(steps)} {name}:" for i, name in enumerate(steps, 1)}
+    compressed = {}
+    for name in weight_only:
         t0 = time.perf_counter()
-        head = f"      {i}/{len(steps)} {name}:"
-        if name in Calibration.PARTS:
-            dataset, n, unit = calibration.dataset(name)
-            _log(f"{head} quantizing on {n} {unit}")
-            model = _quantize(model, dataset, n, settings)
+        _log(f"{heads[name]} compressing weights ({settings.weights})")
+        model = nncf.compress_weights(
+            core.read_model(fp16[name]),
+            mode=nncf.CompressWeightsMode(settings.weights),
+            group_size=settings.group_size,
+            ratio=settings.ratio,
+            ignored_scope=_ignored(settings),
+        )
+        compressed[name] = _save(model, int8_dir / f"{name}.xml")
+        _log(f"{' ' * len(heads[name])} done in {time.perf_counter() - t0:.1f} s")
+    if compressed and settings.accuracy_control:
+        for name, xml in control.weight_only(compressed, fp16).items():
+            if xml == fp16[name]:  # kept in FP16: the INT8 build holds its own copy
+                _save(core.read_model(xml), int8_dir / f"{name}.xml")
+    for name in steps[len(weight_only) :]:
+        t0 = time.perf_counter()
+        dataset, n, unit = calibration.dataset(name)
+        _log(f"{heads[name]} quantizing on {n} {unit}")
+        model, subset = core.read_model(fp16[name]), min(n, settings.subset_size)
+        options = {"model_type": nncf.ModelType.TRANSFORMER, "ignored_scope": _ignored(settings)}
+        advanced = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=settings.smooth_quant_alpha)
+        )
+        if settings.accuracy_control:
+            options["advanced_quantization_parameters"] = advanced
+            model = control.quantize(name, model, dataset, subset, options)
         else:
-            _log(f"{head} compressing weights ({settings.weights})")
-            model = nncf.compress_weights(
-                model,
-                mode=nncf.CompressWeightsMode(settings.weights),
-                group_size=settings.group_size,
-                ratio=settings.ratio,
-                ignored_scope=_ignored(settings),
-            )
-        xml = int8_dir / f"{name}.xml"
-        ov.save_model(model, xml, compress_to_fp16=True)
-        _log(f"{' ' * len(head)} done in {time.perf_counter() - t0:.1f} s")
-        parts[name] = {"files": [xml, xml.with_suffix(".bin")]}
-    return parts
+            model = nncf.quantize(model, dataset, subset_size=subset, advanced_parameters=advanced, **options)
+        _save(model, int8_dir / f"{name}.xml")
+        _log(f"{' ' * len(heads[name])} done in {time.perf_counter() - t0:.1f} s")
+    return {name: {"files": [int8_dir / f"{name}.xml", int8_dir / f"{name}.bin"]} for name in fp16}
 
 
-def _quantize(model: ov.Model, dataset: nncf.Dataset, n: int, settings: QuantSettings) -> ov.Model:
-    alpha = settings.smooth_quant_alpha
-    return nncf.quantize(
-        model,
-        dataset,
-        subset_size=min(n, settings.subset_size),
-        model_type=nncf.ModelType.TRANSFORMER,
-        ignored_scope=_ignored(settings),
-        advanced_parameters=AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha)
-        ),
-    )
+def _save(model: ov.Model, xml: Path) -> Path:
+    ov.save_model(model, xml, compress_to_fp16=True)
+    return xml
 
 
 def _ignored(settings: QuantSettings) -> nncf.IgnoredScope | None:
@@ -171,16 +190,3 @@ def _ignored(settings: QuantSettings) -> nncf.IgnoredScope | None:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
-    """Share of token positions where two decodings agree (over the longer of each pair)."""
-    same = total = 0
-    for a, b in zip(reference, other):
-        same += sum(x == y for x, y in zip(a, b))
-        total += max(len(a), len(b))
-    return same / total if total else 1.0
-
-
-def exact_match(reference: list[str], other: list[str]) -> float:
-    return float(np.mean([a == b for a, b in zip(reference, other)])) if reference else 1.0

@@ -42,6 +42,8 @@ def make_random_blip(out: str | Path, caption_only: bool = False, seed: int = 0)
     processor = BlipProcessor(BlipImageProcessorPil(size={"height": 384, "width": 384}), tokenizer)
     config = BlipConfig(
         text_config={
+            # blip-image-captioning-base's text decoder has 12 heads, blip-vqa-base's 8 (BlipConfig's)
+            "num_attention_heads": 12 if caption_only else 8,
             "vocab_size": len(tokenizer),
             "bos_token_id": tokenizer.convert_tokens_to_ids("[DEC]"),
             "sep_token_id": tokenizer.sep_token_id,

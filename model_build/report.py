@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from backend.runtime.blip import Blip
+from model_build.agreement import Reference
 from model_build.calibration import Sample
-from model_build.quantize import agreement, exact_match
 
 
 def sizes(manifest: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -45,27 +45,8 @@ def latency(blips: dict[str, Blip], sample: Sample, repeats: int = 5) -> dict[st
 
 
 def compare(fp16: Blip, int8: Blip, held_out: list[Sample]) -> dict[str, Any]:
-    """How often INT8 says what FP16 says on images calibration did not see."""
-    images = [s.image for s in held_out]
-    e16, e8 = fp16.encode(images), int8.encode(images)
-    c16, c8 = fp16.caption(e16), int8.caption(e8)
-    result: dict[str, Any] = {
-        "images": len(images),
-        "caption_token_agreement": agreement([c.tokens for c in c16], [c.tokens for c in c8]),
-        "caption_exact_match": exact_match([c.text for c in c16], [c.text for c in c8]),
-    }
-    if "answer" in fp16.tasks:
-        questions = [s.questions for s in held_out]
-        a16 = [a.text for row in fp16.answer(e16, questions) for a in row]
-        a8 = [a.text for row in int8.answer(e8, questions) for a in row]
-        result.update({"questions": len(a16), "answer_agreement": exact_match(a16, a8)})
-    return result
-
-
-def gate_value(agreements: dict[str, Any]) -> float:
-    """The number --min-agreement is compared with: the weaker of answer and caption-token agreement."""
-    keys = [k for k in ("answer_agreement", "caption_token_agreement") if k in agreements]
-    return min(agreements[k] for k in keys)
+    """How often INT8 says what FP16 says on images neither calibration nor accuracy control saw."""
+    return Reference(fp16, held_out).measure(int8).shares
 
 
 def table(report: dict[str, Any]) -> str:
@@ -81,6 +62,8 @@ def table(report: dict[str, Any]) -> str:
         if key in lat["fp16"]:
             a, b = lat["fp16"][key], lat["int8"][key]
             lines.append(f"{label:<20}{a:>10.1f}{b:>10.1f}{a / b:>9.2f}x")
+    control = report["accuracy_control"]
+    lines += ["", *(control_lines(control) if control else ["accuracy control: off"])]
     agr = report["agreement"]
     lines.append("")
     held = f"{agr['images']} held-out images"
@@ -90,8 +73,37 @@ def table(report: dict[str, Any]) -> str:
     lines.append(f"caption tokens identical:        {agr['caption_token_agreement']:.1%}")
     lines.append(f"captions identical:              {agr['caption_exact_match']:.1%}   ({held})")
     gate = report["gate"]
-    verdict = "INT8 will be served" if gate["passed"] else "INT8 NOT served (FP16 will be)"
-    lines.append(
-        f"gate: agreement {gate['value']:.1%} vs --min-agreement {gate['min_agreement']:.1%}: {verdict}"
-    )
+    if gate["passed"]:
+        verdict = "INT8 will be served"
+    else:
+        verdict = "INT8 MISSED IT AND WILL NOT BE SERVED: FP16 WILL BE (PRECISION=int8 forces INT8)"
+    lines.append(f"gate: agreement {gate['value']:.2%} vs {gate['by']} {gate['threshold']:.2%}: {verdict}")
     return "\n".join(lines)
+
+
+def control_lines(control: dict[str, Any]) -> list[str]:
+    """Accuracy control, part by part: agreement as quantized and as shipped, what went back to float."""
+    lines = [
+        f"accuracy control (aim {control['aim']:.1%} on {control['validation_images']} validation images):",
+        f"  {'part':<16}{'plain':>8}{'shipped':>9}  put back in float",
+    ]
+    for stage in control["stages"]:
+        if stage["kept_fp16"]:
+            what = "the whole part (FP16)"
+        elif stage["reverted"]:
+            what = f"{len(stage['reverted'])} operation(s)"
+        else:
+            what = "nothing"
+        plain = "" if stage["plain"] is None else f"{stage['plain']:.1%}"
+        final = "" if stage["final"] is None else f"{stage['final']:.1%}"
+        lines.append(f"  {stage['part']:<16}{plain:>8}{final:>9}  {what}")
+        for op in stage["reverted"]:
+            cost = "  (fused with other operations: no time of its own)"
+            if op.get("float_us") is not None:
+                cost = f"  {op['float_us']:.0f} us in float"
+                if op.get("int8_twin_us") is not None:
+                    cost += f" (its INT8 twins: {op['int8_twin_us']:.0f} us)"
+            lines.append(f"    {op['operation']}{cost}")
+    if not control["reached"]:
+        lines.append("  ACCURACY CONTROL DID NOT REACH THE AIM")
+    return lines

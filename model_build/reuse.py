@@ -71,6 +71,8 @@ def resolve_revision(source: str, revision: str | None) -> str | None:
 
 def requested(args: argparse.Namespace, source: str, quant: dict[str, Any]) -> dict[str, Any]:
     """The build `args` ask for, as recorded in the manifest (`source`: the checkpoint folder or hub id)."""
+    from model_build.tiny_blip import bundled
+
     int8 = None
     if not args.no_int8:
         if args.project is not None:
@@ -103,6 +105,13 @@ def requested(args: argparse.Namespace, source: str, quant: dict[str, Any]) -> d
         "revision": args.revision,
         "resolved": resolve_revision(source, args.revision),
         "int8": int8,
+        "caption_model": None
+        if args.caption_model is None
+        else {
+            "source": args.caption_model,
+            "revision": args.caption_revision,
+            "resolved": resolve_revision(bundled(args.caption_model), args.caption_revision),
+        },
         "tools": {p: version(p) for p in TOOLS},
     }
 
@@ -118,6 +127,15 @@ def recorded(out: str | Path) -> tuple[dict[str, Any] | None, str]:
     return manifest, ""
 
 
+def builds(out: str | Path, manifest: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """(directory, manifest) of the build in `out` and of its paired caption model, if any."""
+    found = [(Path(out), manifest)]
+    if manifest.get("caption_model"):
+        sub = Path(out) / manifest["caption_model"]["path"]
+        found.append((sub, json.loads((sub / MANIFEST).read_text())))
+    return found
+
+
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """What differs between a recorded build and the requested one; [] means up to date.
 
@@ -127,8 +145,11 @@ def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     skip = {"resolved"} if wanted.get("resolved") is None else {"revision"}
     diffs = []
     for key in sorted((stored.keys() | wanted.keys()) - skip):
-        if stored.get(key) != wanted.get(key):
-            diffs.append(f"{key}: {_short(stored.get(key))} -> {_short(wanted.get(key))}")
+        old, new = stored.get(key), wanted.get(key)
+        if key == "caption_model" and isinstance(old, dict) and isinstance(new, dict):
+            diffs += [f"caption model {d}" for d in differences(old, new)]  # its revision alike
+        elif old != new:
+            diffs.append(f"{key}: {_short(old)} -> {_short(new)}")
     return diffs
 
 

@@ -7,6 +7,7 @@ to its own projects.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import secrets
@@ -109,6 +110,11 @@ def png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
+
+
+def data_uri(image) -> str:
+    """An image inline in a task, as imported JSON tasks may carry it."""
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
 
 
 def upload(label_studio, project_id: int, files: dict[str, bytes]) -> None:

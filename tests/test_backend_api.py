@@ -7,13 +7,13 @@ URIs or served from a local HTTP server that imitates Label Studio's file routes
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import threading
 import time
 
 import pytest
 from fake_files import FileServer, bomb_png
+from label_studio_server import data_uri
 from templates import CAPTIONING, vqa
 
 from backend.annotate.labeling import DEFAULT_THRESHOLD
@@ -37,12 +37,6 @@ FIXED = f"""<View>
   <TextArea name="caption" toName="image"/>
   <TextArea name="notes" toName="image" predict="false"/>
 </View>"""
-
-
-def uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +107,9 @@ def test_health_setup_webhook_metrics(blip):
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 200
     before = client.get("/metrics").get_json()
     predict(
-        client, CAPTIONING, [{"id": 1, "data": {"captioning": uri(make_scenes(1, HELD_OUT_SEED)[0].image)}}]
+        client,
+        CAPTIONING,
+        [{"id": 1, "data": {"captioning": data_uri(make_scenes(1, HELD_OUT_SEED)[0].image)}}],
     )
     predict(client, CAPTIONING, [{"id": 2, "data": {}}])
     after = client.get("/metrics").get_json()
@@ -135,7 +131,7 @@ def test_bad_request_bodies(client):
 
 def test_stock_image_captioning_template(client, scenes, blip):
     batch = scenes[:6]
-    tasks = [{"id": 100 + i, "data": {"captioning": uri(s.image)}} for i, s in enumerate(batch)]
+    tasks = [{"id": 100 + i, "data": {"captioning": data_uri(s.image)}} for i, s in enumerate(batch)]
     results = predict(client, CAPTIONING, tasks)
     version = client.get("/health").get_json()["model_version"]
     for scene, entry in zip(batch, results):
@@ -155,7 +151,7 @@ def test_stock_vqa_template_with_questions_in_task_data(client, scenes):
     with FileServer() as server:
         tasks = []
         for i, scene in enumerate(batch):
-            server.files[f"/s{i}.png"] = base64.b64decode(uri(scene.image).split(",")[1])
+            server.files[f"/s{i}.png"] = base64.b64decode(data_uri(scene.image).split(",")[1])
             data = {"image": server.url(f"/s{i}.png")}
             # a task may fill fewer questions than the template has; the rest stay unpredicted
             for n, qa in enumerate(scene.qa[: 3 if i % 2 else 2], 1):
@@ -176,7 +172,7 @@ def test_fixed_questions_choices_with_aliases_and_questions_from_data(client, sc
     batch = [s for s in scenes if any(qa.question == HOW_MANY for qa in s.qa)][:4]
     assert batch, "no held-out scene asks how many objects there are"
     tasks = [
-        {"id": i, "data": {"image": uri(s.image), "colour_q": qa_of(s, "colour").question}}
+        {"id": i, "data": {"image": data_uri(s.image), "colour_q": qa_of(s, "colour").question}}
         for i, s in enumerate(batch)
     ]
     for scene, entry in zip(batch, predict(client, FIXED, tasks)):
@@ -202,7 +198,7 @@ def test_multiple_choice_threshold(client, scenes, blip, threshold):
         f'<View><Image name="image" value="$image"/><Choices name="c" toName="image" choice="multiple" '
         f'question="{qa.question}"{attr}>{choices}</Choices></View>'
     )
-    (entry,) = predict(client, config, [{"id": 1, "data": {"image": uri(scene.image)}}])
+    (entry,) = predict(client, config, [{"id": 1, "data": {"image": data_uri(scene.image)}}])
     shares = blip.rank([scene.image], qa.question, COLOURS)[0].scores
     limit = float(threshold) if threshold else DEFAULT_THRESHOLD
     expected = [c for c in COLOURS if shares[c] >= limit or c == qa.answer]
@@ -216,7 +212,7 @@ def test_caption_prompt(client, scenes, blip):
     config = (
         '<View><Image name="i" value="$img"/><TextArea name="t" toName="i" prompt="a picture of"/></View>'
     )
-    (entry,) = predict(client, config, [{"id": 1, "data": {"img": uri(scenes[0].image)}}])
+    (entry,) = predict(client, config, [{"id": 1, "data": {"img": data_uri(scenes[0].image)}}])
     expected = blip.caption([scenes[0].image], "a picture of")[0].text
     assert one(entry, "t")["value"] == {"text": [expected]}
     assert expected.startswith("a picture of")
@@ -227,7 +223,7 @@ def test_nothing_to_predict_logs_one_line(client, scenes, caplog):
         '<View><Image name="image" value="$image"/><TextArea name="t" toName="image" predict="false"/>'
         '<RectangleLabels name="box" toName="image"><Label value="thing"/></RectangleLabels></View>'
     )
-    tasks = [{"id": i, "data": {"image": uri(s.image)}} for i, s in enumerate(scenes[:3])]
+    tasks = [{"id": i, "data": {"image": data_uri(s.image)}} for i, s in enumerate(scenes[:3])]
     with caplog.at_level(logging.INFO, logger="backend"):
         assert predict(client, config, tasks) == [[], [], []]
     lines = [r.getMessage() for r in caplog.records if "nothing to predict" in r.getMessage()]
@@ -246,7 +242,7 @@ def test_nothing_to_predict_logs_one_line(client, scenes, caplog):
     ids=["invalid-xml", "no-image", "choices-without-question"],
 )
 def test_unsupported_configs_give_empty_entries(client, scenes, config, caplog):
-    tasks = [{"id": 1, "data": {"image": uri(scenes[0].image), "text": "hi"}}, {"id": 2, "data": {}}]
+    tasks = [{"id": 1, "data": {"image": data_uri(scenes[0].image), "text": "hi"}}, {"id": 2, "data": {}}]
     with caplog.at_level(logging.WARNING, logger="backend"):
         assert predict(client, config, tasks) == [[], []]
     assert len([r for r in caplog.records if "no prediction" in r.getMessage()]) == 1
@@ -262,7 +258,7 @@ def test_overlong_question_is_truncated_with_a_warning(client, scenes, blip, cap
     )
     with caplog.at_level(logging.WARNING, logger="backend"):
         (entry,) = predict(
-            client, config, [{"id": 9, "data": {"image": uri(scene.image), "q": long_question}}]
+            client, config, [{"id": 9, "data": {"image": data_uri(scene.image), "q": long_question}}]
         )
     assert one(entry, "a")["value"]["text"][0]  # still answered (from the question's head)
     assert any("task 9" in r.getMessage() and "longer than" in r.getMessage() for r in caplog.records)
@@ -273,7 +269,7 @@ def test_overlong_question_is_truncated_with_a_warning(client, scenes, blip, cap
 
 def test_broken_tasks_get_empty_entries_and_the_rest_is_right(client, scenes, caplog):
     good = scenes[:3]
-    png = base64.b64decode(uri(good[0].image).split(",")[1])
+    png = base64.b64decode(data_uri(good[0].image).split(",")[1])
     with FileServer() as server:
         server.files["/ok.png"] = png
         server.files["/corrupt.png"] = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -293,10 +289,10 @@ def test_broken_tasks_get_empty_entries_and_the_rest_is_right(client, scenes, ca
             19: {"captioning": 42},
             20: {"captioning": "data:image/png;base64,@@@not base64@@@"},
         }
-        tasks = [{"id": 1, "data": {"captioning": uri(good[0].image)}}]
+        tasks = [{"id": 1, "data": {"captioning": data_uri(good[0].image)}}]
         tasks += [{"id": tid, "data": data} for tid, data in bad.items()]
         tasks += [{"id": 2, "data": {"captioning": server.url("/ok.png")}}]
-        tasks += [{"id": 3, "data": {"captioning": uri(good[1].image)}}, "not a task"]
+        tasks += [{"id": 3, "data": {"captioning": data_uri(good[1].image)}}, "not a task"]
         with caplog.at_level(logging.WARNING, logger="backend"):
             results = predict(client, CAPTIONING, tasks)
     assert results[1 : 1 + len(bad)] == [[]] * len(bad) and results[-1] == []
@@ -311,7 +307,7 @@ def test_broken_tasks_get_empty_entries_and_the_rest_is_right(client, scenes, ca
 
 def test_label_studio_file_routes_with_env_token_or_setup_fallback(blip, scenes):
     scene = scenes[0]
-    png = base64.b64decode(uri(scene.image).split(",")[1])
+    png = base64.b64decode(data_uri(scene.image).split(",")[1])
     with FileServer() as server:
         server.files["/data/upload/5/a.png"] = png
         server.files["/data/local-files/?d=dir/a.png"] = png
@@ -356,6 +352,8 @@ class Spy:
 
     def __getattr__(self, name):
         attr = getattr(self._blip, name)
+        if name == "captioner" and attr is self._blip:  # captions from the model itself: spied on too
+            return self
         if name not in ("encode", "caption", "answer", "rank"):
             return attr
 
@@ -382,7 +380,7 @@ def test_one_call_per_kind_per_chunk_and_order_kept(blip, scenes):
     app.config["predictor"].chunk = 4
     batch = (scenes * 2)[:10]
     tasks = [
-        {"id": i, "data": {"image": uri(s.image), "colour_q": qa_of(s, "colour").question}}
+        {"id": i, "data": {"image": data_uri(s.image), "colour_q": qa_of(s, "colour").question}}
         for i, s in enumerate(batch)
     ]
     config = FIXED.replace('<TextArea name="caption" toName="image"/>', "")
@@ -403,7 +401,7 @@ def test_a_task_that_breaks_inference_is_isolated(blip, scenes, caplog):
         '<View><Image name="image" value="$image"/><TextArea name="a" toName="image" question="$q"/></View>'
     )
     tasks = [
-        {"id": i, "data": {"image": uri(s.image), "q": qa_of(s, "count").question}}
+        {"id": i, "data": {"image": data_uri(s.image), "q": qa_of(s, "count").question}}
         for i, s in enumerate(scenes[:3])
     ]
     tasks[1]["data"]["q"] = "boom?"
@@ -418,7 +416,7 @@ def test_a_task_that_breaks_inference_is_isolated(blip, scenes, caplog):
 def test_inference_is_serialised_across_threads(blip, scenes):
     spy = Spy(blip, delay=0.05)
     app = create_app(blip=spy, settings=Settings())
-    tasks = [{"id": 1, "data": {"captioning": uri(scenes[0].image)}}]
+    tasks = [{"id": 1, "data": {"captioning": data_uri(scenes[0].image)}}]
     out = []
     threads = [
         threading.Thread(target=lambda: out.append(predict(app.test_client(), CAPTIONING, tasks)))

@@ -14,13 +14,13 @@ import huggingface_hub
 
 from model_build import reuse
 from model_build.__main__ import main as blip_build
-from model_build.__main__ import parser
+from model_build.__main__ import parser, quant_settings
 from model_build.tiny_blip import CHECKPOINT_DIR
 
 
 def wanted(*argv: str, source: str | None = None) -> dict:
     args = parser().parse_args([*argv, "-o", "unused"])
-    return reuse.requested(args, source or str(CHECKPOINT_DIR), {"subset_size": args.subset_size})
+    return reuse.requested(args, source or str(CHECKPOINT_DIR), quant_settings(args).describe())
 
 
 def test_same_request_is_up_to_date():
@@ -34,6 +34,9 @@ def test_each_setting_counts():
         wanted("tiny", "--subset-size", "20"),
         wanted("tiny", "--seed", "1"),
         wanted("tiny", "--min-agreement", "0.9"),
+        wanted("tiny", "--target-agreement", "0.95"),
+        wanted("tiny", "--no-accuracy-control"),
+        wanted("tiny", "--caption-model", "tiny-wide"),
         {**base, "tools": {**base["tools"], "openvino": "0.0"}},
         {**base, "source": "Salesforce/blip-vqa-base"},
     ):

@@ -10,8 +10,6 @@ without torch, probed by the compose healthcheck and asked a real /predict.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import platform
@@ -30,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
+from label_studio_server import data_uri
 from packaging.requirements import Requirement
 from templates import CAPTIONING
 
@@ -344,6 +343,8 @@ def test_entrypoint_defaults(tmp_path):
     assert argv[:3] == ["tiny", "--output", "/models"]
     assert "--skip-if-built" in argv and "--force" in argv  # a different build in the volume is replaced
     assert argv[argv.index("--subset-size") + 1] == "300" and "--no-int8" not in argv
+    # accuracy control holds 0.99; INT8 below it is not served, and the build still succeeds
+    assert argv[argv.index("--target-agreement") + 1] == "0.99" and "--min-agreement" not in argv
     assert not {"--calibration-images", "--project", "--calibration-export", "--revision"} & set(argv)
 
 
@@ -354,12 +355,14 @@ def test_entrypoint_settings(tmp_path):
         MODEL_REVISION="main",
         MODEL_DIR="/m",
         CALIBRATION_PROJECT="7",
+        CAPTION_MODEL="Salesforce/blip-image-captioning-base",
         MIN_AGREEMENT="0.95",
         BUILD_ARGS="--ignore .*attn.* --smooth-quant-alpha 0.5",
     )
     assert argv[:3] == ["Salesforce/blip-vqa-base", "--output", "/m"]
     assert argv[argv.index("--revision") + 1] == "main" and argv[argv.index("--project") + 1] == "7"
     assert argv[argv.index("--min-agreement") + 1] == "0.95"
+    assert argv[argv.index("--caption-model") + 1] == "Salesforce/blip-image-captioning-base"
     assert argv[-4:] == ["--ignore", ".*attn.*", "--smooth-quant-alpha", "0.5"]  # not globbed
     assert "--no-int8" in entrypoint_argv(tmp_path, INT8="false")
     assert "--skip-if-built" not in entrypoint_argv(tmp_path, FORCE_REBUILD="true")
@@ -383,12 +386,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png_uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -490,7 +487,7 @@ def test_backend_image_set_serves_the_test_model(serving_venv, tiny_dir, blip, t
             :3
         ]
         assert len(scenes) == 3
-        tasks = [{"id": i + 1, "data": {"captioning": png_uri(s.image)}} for i, s in enumerate(scenes)]
+        tasks = [{"id": i + 1, "data": {"captioning": data_uri(s.image)}} for i, s in enumerate(scenes)]
         response = requests.post(
             f"http://127.0.0.1:{port}/predict",
             json={"tasks": tasks, "label_config": CAPTIONING, "project": "1.1"},

@@ -265,7 +265,8 @@ def test_int8_calibrated_on_a_live_project(ls, label_studio, tmp_path):
 
     url, token = label_studio
     project = ls.projects.create(title="calibration", label_config=FIXED)
-    pool = make_scenes(23, seed=79)  # + 1 broken task = 24 = --subset-size 20 + 4 held out: all are read
+    # + 1 broken task = 28 = --subset-size 20 + 4 for accuracy control + 4 held out: all are read
+    pool = make_scenes(27, seed=79)
     upload(label_studio, project.id, {f"cal{i}.png": png(s.image) for i, s in enumerate(pool)})
     ls.projects.import_tasks(id=project.id, request=[{"image": "http://127.0.0.1:9/gone.png"}])
     gone = next(t.id for t in ls.tasks.list(project=project.id) if t.data["image"].startswith("http"))
@@ -276,7 +277,7 @@ def test_int8_calibrated_on_a_live_project(ls, label_studio, tmp_path):
     report = json.loads((out / "report.json").read_text())
     calibration = report["calibration"]
     assert calibration["source"] == f"Label Studio project {project.id} at {url}"
-    assert (calibration["samples"], calibration["held_out"]) == (19, 4)
+    assert (calibration["samples"], calibration["validation"], calibration["held_out"]) == (19, 4, 4)
     assert list(calibration["skipped"]) == [f"task {gone}"]
     assert report["agreement"]["answer_agreement"] >= 0.95
     assert json.loads((out / "manifest.json").read_text())["int8"]["serve"] is True

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from label_studio_server import free_port, png, upload
+from label_studio_server import data_uri, free_port, png, upload
 
 from backend.__main__ import main
 from model_build.tiny_blip.synthetic import COUNTS, HELD_OUT_SEED, make_scenes
@@ -73,10 +73,6 @@ def scenes(blip):
 @pytest.fixture(scope="module")
 def version(blip):
     return blip.model_version
-
-
-def data_uri(image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
 
 
 def make_project(ls, label_studio, scenes, title: str) -> int:

@@ -6,8 +6,9 @@ whereas `{"result": []}` would be stored and block retries (see DESIGN.md). The 
 the task id.
 
 A `/predict` call is cut into chunks of CHUNK tasks (bounded memory); in each chunk every image is
-fetched once and encoded once, all captions with the same prompt are one call, all generated answers
-are one call and choices are ranked in one call per (question, candidates).
+fetched once and encoded once by each vision encoder it needs (a paired caption model has its own),
+all captions with the same prompt are one call, all generated answers are one call and choices are
+ranked in one call per (question, candidates).
 """
 
 from __future__ import annotations
@@ -204,14 +205,28 @@ class Predictor:
 
         results: dict[int, list[tuple[int, dict[str, Any]]]] = defaultdict(list)  # task -> (ask no., result)
         order = {ask: n for n, ask in enumerate(plan.asks)}
-        used = sorted({img for group in (*captions.values(), answers, *ranks.values()) for img in group})
-        if not used:
+        # which images each vision encoder must see: captions may come from a paired caption model
+        needs: dict[int, tuple[Blip, set[int]]] = {}
+        for model, groups in ((blip.captioner, captions.values()), (blip, (answers, *ranks.values()))):
+            images = {img for group in groups for img in group}
+            if images:
+                needs.setdefault(id(model), (model, set()))[1].update(images)
+        if not needs:
             return {}
         with self.lock:
-            embeds = blip.encode([work.images[k] for k in used])
-            row = {img: r for r, img in enumerate(used)}
+            encoded = {}  # each image through each needed vision encoder once
+            for key, (model, images) in needs.items():
+                used = sorted(images)
+                row = {img: r for r, img in enumerate(used)}
+                encoded[key] = (model.encode([work.images[k] for k in used]), row)
+
+            def embeds(model: Blip, images: Sequence[int]) -> np.ndarray:
+                array, row = encoded[id(model)]
+                return array[[row[img] for img in images]]
+
+            captioner = blip.captioner
             for prompt, by_image in captions.items():
-                got = blip.caption(embeds[[row[img] for img in by_image]], prompt)
+                got = captioner.caption(embeds(captioner, list(by_image)), prompt)
                 for pairs, gen in zip(by_image.values(), got):
                     for i, ask in pairs:
                         if gen.text:
@@ -219,14 +234,14 @@ class Predictor:
             if answers:
                 images = list(answers)
                 questions = [list(answers[img]) for img in images]
-                got = blip.answer(embeds[[row[img] for img in images]], questions)
+                got = blip.answer(embeds(blip, images), questions)
                 for img, qs, gens in zip(images, questions, got):
                     for q, gen in zip(qs, gens):
                         for i, ask in answers[img][q]:
                             if gen.text:
                                 results[i].append((order[ask], _textarea(ask, gen.text, gen.score)))
             for (question, candidates), by_image in ranks.items():
-                got = blip.rank(embeds[[row[img] for img in by_image]], question, candidates)
+                got = blip.rank(embeds(blip, list(by_image)), question, candidates)
                 for pairs, ranked in zip(by_image.values(), got):
                     for i, ask in pairs:
                         results[i].append((order[ask], _choices(ask, ranked.scores)))

@@ -50,17 +50,20 @@ class Job:
     timeout: float = 60.0  # per Label Studio request, seconds
     verbose: bool = False
 
+
 @dataclass
 class Outcome:
     task: int
     status: str  # "predicted" | "failed" | "skipped" (had one at the pre-write check) | "gone" (deleted)
     reason: str = ""
 
+
 @dataclass
 class BatchResult:
     outcomes: list[Outcome]
     worker: str  # who did it: "local", or a Ray node and pid
     duplicates_removed: int = 0
+
 
 @dataclass
 class RayOptions:

@@ -36,7 +36,6 @@ With `--ray-address` the batches go to Ray actors, each holding one loaded model
 themselves (ray_actors.py); this process only lists the tasks and hands out batches.
 """
 
-
 from __future__ import annotations
 
 import itertools

@@ -14,6 +14,7 @@ model gives all candidates (a softmax over their total log-probabilities).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -104,6 +105,13 @@ class Blip:
         cache_dir: str | Path | None = None,
     ) -> None:
         self.manifest: Manifest = load_manifest(model_dir)
+        # captions come from the paired captioning checkpoint when the directory has one (its own vision
+        # encoder and gate), from this checkpoint's decoder otherwise
+        self.captioner: Blip = self
+        if self.manifest.caption_dir is not None:
+            self.captioner = Blip(
+                self.manifest.caption_dir, device, precision, threads, inference_precision, cache_dir
+            )
         if precision == "auto":
             precision = self.manifest.served_precision
         self.device, self.precision, self.threads = device, precision, threads
@@ -131,10 +139,23 @@ class Blip:
             for part in m["parts"][precision]
         }
 
+    def with_parts(self, parts: dict[str, ov.CompiledModel]) -> Blip:
+        """A copy of this Blip that runs the given compiled parts instead of its own (the others are
+        shared): how model_build measures a candidate INT8 part inside the whole pipeline."""
+        unknown = set(parts) - set(self._parts)
+        if unknown:
+            raise ValueError(f"no part(s) {', '.join(sorted(unknown))} (has {', '.join(self._parts)})")
+        other = copy.copy(self)
+        other._parts = {**self._parts, **parts}
+        if self.captioner is self:
+            other.captioner = other
+        return other
+
     @property
     def model_version(self) -> str:
         """What Label Studio stores with each prediction of this build (see Manifest.model_version)."""
-        return self.manifest.model_version(self.precision)
+        own = self.manifest.model_version(self.precision)
+        return own if self.captioner is self else f"{own}+{self.captioner.model_version}"
 
     # -- the parts -------------------------------------------------------------------------------
 
@@ -177,7 +198,15 @@ class Blip:
     # -- the public calls ------------------------------------------------------------------------
 
     def caption(self, images: Images, prompt: str | None = None, **generation: Any) -> list[Generated]:
-        """One caption per image, optionally continuing `prompt` (e.g. "a picture of")."""
+        """One caption per image, optionally continuing `prompt` (e.g. "a picture of"); by the paired
+        caption model when there is one (`self.captioner`)."""
+        if self.captioner is not self:
+            if isinstance(images, np.ndarray):
+                raise ValueError(
+                    "captions come from the paired caption model, with its own vision encoder: pass images, "
+                    "or embeddings from blip.captioner.encode() to blip.captioner.caption()"
+                )
+            return self.captioner.caption(images, prompt, **generation)
         settings = self._settings("caption", generation)
         embeds = self.encode(images)
         start = [self.tokens["decoder_start"]]

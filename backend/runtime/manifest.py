@@ -70,6 +70,12 @@ class Manifest:
             ) from None
 
     @property
+    def caption_dir(self) -> Path | None:
+        """The paired captioning model's directory (`blip-build ... --caption-model`), if any."""
+        entry = self.data.get("caption_model")
+        return self.model_dir / entry["path"] if entry else None
+
+    @property
     def served_precision(self) -> str:
         """INT8 when it was built and passed its agreement gate, FP16 otherwise."""
         return "int8" if "int8" in self.data["parts"] and self.data.get("int8", {}).get("serve") else "fp16"
@@ -82,6 +88,8 @@ class Manifest:
             for part in sorted(self.data["parts"][precision]):
                 for f in self.data["parts"][precision][part]["files"]:
                     digest.update(f["sha256"].encode())
+        if "caption_model" in self.data:
+            digest.update(self.data["caption_model"]["fingerprint"].encode())
         return digest.hexdigest()[:8]
 
     def model_version(self, precision: str) -> str:
@@ -127,6 +135,14 @@ def load_manifest(model_dir: str | Path, verify_hashes: bool = True) -> Manifest
         for part, entry in parts.items():
             for f in entry["files"]:
                 _check_file(model_dir, f, f"{precision}/{part}", verify_hashes)
+    if "caption_model" in data:
+        entry = data["caption_model"]
+        captions = load_manifest(model_dir / entry["path"], verify_hashes)
+        if captions.fingerprint != entry["fingerprint"]:
+            raise ModelDirError(
+                f"{path}: the caption model in {captions.model_dir} is not the one this build paired "
+                f"(fingerprint {captions.fingerprint}, expected {entry['fingerprint']}); rebuild it"
+            )
     return Manifest(model_dir, data)
 
 

@@ -128,7 +128,10 @@ def _from_tasks(
         asks = plan(label_config).asks if label_config else ()
     except ConfigError as e:
         raise CalibrationError(f"{source}: {e}") from None
-    loader = ImageLoader(url, api_key)
+    try:
+        loader = ImageLoader(url, api_key)  # the backend's fetch policy: ALLOWED_IMAGE_HOSTS, ...
+    except ValueError as e:  # a malformed ALLOWED_IMAGE_HOSTS
+        raise CalibrationError(str(e)) from None
     order = list(range(len(tasks)))
     random.Random(seed).shuffle(order)
     calibration = Calibration([], source=source)
@@ -154,11 +157,15 @@ def _from_tasks(
 
 
 def _local_file(base: Path | None, value: object) -> Path | None:
-    """An export's image given as a path relative to the export file, if it is one."""
+    """An export's image given as a path relative to the export file, if it is one: inside the export's
+    folder once symlinks and ".." are resolved, as the backend's fetch policy keeps Local Storage files
+    under LOCAL_FILES_DOCUMENT_ROOT (an export holds what anyone who can import tasks wrote). Anything
+    else goes to the ImageLoader, which reads no bare paths."""
     if base is None or not isinstance(value, str) or "://" in value or value.startswith(("data:", "/data/")):
         return None
-    path = base / value
-    return path if path.is_file() else None
+    root = base.resolve()
+    path = (root / value).resolve()
+    return path if path.is_relative_to(root) and path.is_file() else None
 
 
 def _image_field(data: dict) -> str | None:

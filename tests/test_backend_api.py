@@ -25,6 +25,8 @@ VQA = vqa(
     3, extra='\n  <Labels name="aspect" toName="q1"><Label value="Color"/><Label value="Count"/></Labels>'
 )
 HOW_MANY = "how many objects are there?"
+# the test file server's host: loopback, refused by default (tests/test_fetch_policy.py shows that)
+SERVER_HOST = "127.0.0.1"
 FIXED = f"""<View>
   <Image name="image" value="$image"/>
   <TextArea name="count_text" toName="image" question="{HOW_MANY}"/>
@@ -62,7 +64,7 @@ def scenes(blip):
 
 @pytest.fixture(scope="module")
 def app(blip):
-    return create_app(blip=blip, settings=Settings())
+    return create_app(blip=blip, settings=Settings(allowed_image_hosts=SERVER_HOST))
 
 
 @pytest.fixture
@@ -317,10 +319,14 @@ def test_label_studio_file_routes_with_env_token_or_setup_fallback(blip, scenes)
             {"id": 2, "data": {"captioning": "/data/local-files/?d=dir/a.png"}},
             {"id": 3, "data": {"captioning": "s3://bucket/a.png"}},
         ]
+        # allow-listed for the presign route's redirect to /bucket/..., which a real Label Studio sends to S3
         for settings in (
-            Settings(label_studio_url=server.base, api_key=server.legacy_token),
-            Settings(label_studio_url=server.base, api_key=server.pat),  # personal access token
-            Settings(),  # credentials only from /setup
+            Settings(
+                label_studio_url=server.base, api_key=server.legacy_token, allowed_image_hosts=SERVER_HOST
+            ),
+            # personal access token
+            Settings(label_studio_url=server.base, api_key=server.pat, allowed_image_hosts=SERVER_HOST),
+            Settings(allowed_image_hosts=SERVER_HOST),  # credentials only from /setup
         ):
             client = create_app(blip=blip, settings=settings).test_client()
             if not settings.label_studio_url:

@@ -10,7 +10,11 @@ import pytest
 from fake_files import FileServer, bomb_png
 from PIL import Image
 
+from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageError, ImageLoader, decode, to_rgb
+
+# the test file server's host: loopback, refused by default (tests/test_fetch_policy.py shows that)
+SERVER_HOST = FetchPolicy.parse("127.0.0.1")
 
 
 def png(image: Image.Image, **kw) -> bytes:
@@ -48,11 +52,12 @@ def test_data_uri_base64_and_percent_encoded():
 
 
 def test_plain_http_url_needs_no_token(server):
-    assert ImageLoader().load(server.url("/img.png")).size == (8, 6)
+    assert ImageLoader(policy=SERVER_HOST).load(server.url("/img.png")).size == (8, 6)
 
 
 def test_upload_local_files_and_cloud_with_legacy_token(server):
-    loader = ImageLoader(hostname=server.base, access_token=server.legacy_token)
+    # allow-listed for the presign route's redirect to /bucket/..., which a real Label Studio sends to S3
+    loader = ImageLoader(hostname=server.base, access_token=server.legacy_token, policy=SERVER_HOST)
     assert loader.load("/data/upload/3/img.png").size == (8, 6)
     assert loader.load("/data/local-files/?d=pics/img.png").size == (8, 6)
     # cloud storage goes through Label Studio's presign endpoint, which needs the task id
@@ -78,7 +83,7 @@ def test_wrong_token_missing_token_and_missing_host(server):
 
 def test_http_errors_and_bad_values(server):
     with pytest.raises(ImageError, match="404"):
-        ImageLoader().load(server.url("/missing.png"))
+        ImageLoader(policy=SERVER_HOST).load(server.url("/missing.png"))
     with pytest.raises(ImageError, match="not a URL"):
         ImageLoader().load(None)
     with pytest.raises(ImageError, match="not a URL"):
@@ -92,17 +97,17 @@ def test_byte_limit_on_downloads_and_data_uris(server):
     big = png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)))
     server.files["/big.png"] = big
     with pytest.raises(ImageError, match="bytes"):
-        ImageLoader(max_bytes=10_000).load(server.url("/big.png"))
+        ImageLoader(max_bytes=10_000, policy=SERVER_HOST).load(server.url("/big.png"))
     with pytest.raises(ImageError, match="bytes"):
         ImageLoader(max_bytes=10_000).load(data_uri(big))
-    assert ImageLoader().load(server.url("/big.png")).size == (200, 200)
+    assert ImageLoader(policy=SERVER_HOST).load(server.url("/big.png")).size == (200, 200)
 
 
 def test_download_time_limit(server):
     server.files["/slow.png"] = b"x" * 8192
     server.slow["/slow.png"] = 0.3
     with pytest.raises(ImageError, match=r"longer than|timed out|Timeout"):
-        ImageLoader(timeout=0.5).load(server.url("/slow.png"))
+        ImageLoader(timeout=0.5, policy=SERVER_HOST).load(server.url("/slow.png"))
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

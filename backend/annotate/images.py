@@ -6,9 +6,11 @@
 Label Studio's SDK (`get_local_path`) knows every URL kind a task can hold: uploads
 (`/data/upload/...`, tried through the storage proxy first), Local Storage (`/data/local-files/?d=...`,
 read from disk when `LOCAL_FILES_DOCUMENT_ROOT` is set), cloud storage (`s3://`, `gs://`,
-`azure-blob://` through the task's presign endpoint) and plain http(s) URLs, and it sends the token
-only to the Label Studio host. We add what it lacks: data URIs, personal access tokens (exchanged for
-short-lived access tokens), and limits on download size, time and decoded pixels.
+`azure-blob://` through the task's presign endpoint) and plain http(s) URLs. We add what it lacks: data
+URIs, personal access tokens (exchanged for short-lived access tokens), limits on download size, time and
+decoded pixels, and the fetch policy (backend/annotate/fetch.py): every request it makes, each redirect
+hop included, goes through a transport that refuses what the policy refuses and sends the token to the
+Label Studio host only; Local Storage files are read from disk only under LOCAL_FILES_DOCUMENT_ROOT.
 """
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ from typing import Any
 import jwt
 import numpy as np
 import requests
-from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path, http_session
+from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
+    get_local_path,
+    http_session,
+    local_files_resolver,
+)
 from PIL import Image, ImageOps
+
+from backend.annotate.fetch import FetchPolicy, PinnedAdapter, Refused
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +50,19 @@ class ImageError(Exception):
 
 
 class _LimitedSession(requests.Session):
-    """A session that enforces our byte and time limits on the downloads the SDK makes through it.
+    """A session that enforces the fetch policy and our byte and time limits on the downloads the SDK
+    makes through it.
 
     The SDK streams the response and then reads `response.content` whole; we read it first, in
     chunks, so an endless or huge body is cut off at MAX_BYTES / TIMEOUT instead of filling memory.
     """
 
-    def __init__(self, max_bytes: int, timeout: float) -> None:
+    def __init__(self, max_bytes: int, timeout: float, policy: FetchPolicy, label_studio: str | None) -> None:
         super().__init__()
         self.max_bytes, self.timeout = max_bytes, timeout
+        adapter = PinnedAdapter(policy, label_studio)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
@@ -77,7 +89,8 @@ class _LimitedSession(requests.Session):
 
 
 class ImageLoader:
-    """Fetches and decodes task images. `hostname`/`access_token` default to LABEL_STUDIO_URL/_API_KEY."""
+    """Fetches and decodes task images. `hostname`/`access_token` default to LABEL_STUDIO_URL/_API_KEY,
+    `policy` to ALLOWED_IMAGE_HOSTS and LOCAL_FILES_DOCUMENT_ROOT."""
 
     def __init__(
         self,
@@ -86,15 +99,21 @@ class ImageLoader:
         max_bytes: int = MAX_BYTES,
         max_pixels: int = MAX_PIXELS,
         timeout: float = TIMEOUT,
+        policy: FetchPolicy | None = None,
     ) -> None:
         self.hostname = (hostname or "").rstrip("/") or None
         self.access_token = access_token or None
         self.max_bytes, self.max_pixels, self.timeout = max_bytes, max_pixels, timeout
+        self.policy = policy if policy is not None else FetchPolicy.from_env()
 
     def load(self, url: Any, task_id: int | None = None) -> Image.Image:
         if not isinstance(url, str) or not url.strip():
             raise ImageError(f"the image field holds {url!r}, not a URL")
         url = url.strip()
+        try:
+            self.policy.check_source(url)
+        except Refused as e:
+            raise ImageError(_refusal(url, e)) from None
         data = self._data_uri(url) if url.startswith("data:") else self._fetch(url, task_id)
         return decode(data, self.max_pixels)
 
@@ -113,21 +132,32 @@ class ImageLoader:
         return urllib.parse.unquote_to_bytes(payload)
 
     def _fetch(self, url: str, task_id: int | None) -> bytes:
-        token = _TOKENS.usable(self.hostname, self.access_token, self.timeout)
         # a fresh folder per image: the SDK caches by URL forever otherwise, and a changed file
         # behind the same URL would never be seen again
         with (
             tempfile.TemporaryDirectory(prefix="blip-img-") as cache,
-            http_session(_LimitedSession(self.max_bytes, self.timeout)),
+            _LimitedSession(self.max_bytes, self.timeout, self.policy, self.hostname) as session,
+            http_session(session),
+            local_files_resolver(self._local_file if self.policy.local_files_root else None),
         ):
             try:
+                token = _TOKENS.usable(self.hostname, self.access_token, self.timeout, session)
                 path = Path(
                     get_local_path(
-                        url, cache_dir=cache, hostname=self.hostname, access_token=token, task_id=task_id
+                        url,
+                        cache_dir=cache,
+                        hostname=self.hostname,
+                        access_token=token,
+                        task_id=task_id,
+                        # a folder that does not exist: uploads are always downloaded from Label Studio,
+                        # which checks the token's access, never read from its data folder on this machine
+                        image_dir=str(Path(cache) / "no-local-uploads"),
                     )
                 )
             except ImageError:
                 raise
+            except Refused as e:
+                raise ImageError(_refusal(url, e)) from None
             except requests.HTTPError as e:
                 status = e.response.status_code if e.response is not None else "?"
                 hint = _HTTP_HINTS.get(status, "")
@@ -143,6 +173,25 @@ class ImageLoader:
                 return path.read_bytes()
             except OSError as e:
                 raise ImageError(f"{_short(url)}: {e.strerror or e}") from None
+
+    def _local_file(self, relative: str) -> str:
+        """label-studio-sdk's Local Storage hook: the path a `?d=` value may be read from."""
+        path = self.policy.local_file(relative)
+        # refused here, before the SDK copies it: a FIFO would block, a huge file fill the disk
+        if path.exists() and not path.is_file():
+            raise ImageError(f"Local Storage file {relative!r} is not a regular file")
+        if path.is_file() and path.stat().st_size > self.max_bytes:
+            size = path.stat().st_size
+            raise ImageError(
+                f"Local Storage file {relative!r}: {size} bytes, more than the {self.max_bytes} allowed"
+            )
+        return str(path)
+
+
+def _refusal(url: str, refused: Refused) -> str:
+    """'<task URL>: <why>', naming the redirect hop or rewritten URL when that is what was refused."""
+    hop = f" -> {_short(refused.url)}" if refused.url not in (url, "") and "://" in refused.url else ""
+    return f"{_short(url)}{hop}: refused: {refused.reason}"
 
 
 # Label Studio answers 401 to a bad token, and 403 to a good one asking for a missing upload
@@ -203,7 +252,10 @@ class _AccessTokens:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}
 
-    def usable(self, hostname: str | None, token: str | None, timeout: float) -> str | None:
+    def usable(
+        self, hostname: str | None, token: str | None, timeout: float, session: requests.Session
+    ) -> str | None:
+        """The token to download with; `session` (with the fetch policy) makes the exchange."""
         if not token or not hostname or _jwt_type(token) != "refresh":
             return token
         key = (hostname, token)
@@ -212,7 +264,7 @@ class _AccessTokens:
             if cached and cached[1] > time.time() + 30:
                 return cached[0]
             try:
-                r = requests.post(f"{hostname}/api/token/refresh/", json={"refresh": token}, timeout=timeout)
+                r = session.post(f"{hostname}/api/token/refresh/", json={"refresh": token}, timeout=timeout)
                 r.raise_for_status()
                 access = r.json()["access"]
             except (requests.RequestException, ValueError, KeyError) as e:

@@ -14,6 +14,10 @@ Conventions (custom attributes on control tags; Label Studio keeps them):
 - The image asked about is the control's toName when it is an Image, else the `image="<name>"`
   attribute, else the first Image of the config.
 - `predict="false"` on a control: the backend leaves it alone.
+
+Limits: a config is parsed without a DTD, entities or network access and may be MAX_CONFIG_CHARS long;
+at most MAX_QUESTIONS controls ask questions (the rest are skipped, and logged once per config), and a
+question longer than MAX_QUESTION_CHARS is cut there (logged).
 """
 
 from __future__ import annotations
@@ -24,11 +28,19 @@ from functools import lru_cache
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
+from lxml import etree
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.25  # choice shares sum to 1, so at most 4 choices pass by default
 SUPPORTED = ("TextArea", "Choices")
+# Label Studio's own templates are a few KB and large taxonomies a few hundred; `plan` caches 64 configs
+MAX_CONFIG_CHARS = 1_000_000
+# each question is one more decoder run per image (~0.1 s at full size on 2 cores); Label Studio's
+# templates ask 1-3, and 16 per task keeps a task within a couple of seconds
+MAX_QUESTIONS = 16
+# BLIP's questions are a few words (VQA's average under 10); this bounds tokenizing a task's field
+MAX_QUESTION_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,9 @@ class Ask:
         if self.question_field is None:
             return self.question
         value = data.get(self.question_field)
-        return value.strip() if isinstance(value, str) and value.strip() else None
+        if not isinstance(value, str) or not value.strip():
+            return None
+        return _cut(value.strip(), f"{self.from_name}'s question (task data {self.question_field!r})")
 
 
 @dataclass(frozen=True)
@@ -74,18 +88,60 @@ class ConfigError(ValueError):
 @lru_cache(maxsize=64)
 def plan(label_config: str, tasks: tuple[str, ...] = ("caption", "answer")) -> Plan:
     """The asks of `label_config` that a model able to do `tasks` can fill in (cached per config)."""
+    check_xml(label_config)
     try:
         interface = LabelInterface(label_config)
     except Exception as e:  # the SDK raises whatever the XML parser or its validators raise
         raise ConfigError(f"cannot parse the labeling config: {type(e).__name__}: {e}") from None
     images = [o for o in interface.objects if o.tag == "Image"]
-    asks, skipped = [], []
+    asks, skipped, dropped = [], [], []
     for control in interface.controls:
         try:
-            asks.append(_ask(control, interface, images, tasks))
+            ask = _ask(control, interface, images, tasks)
         except _Skip as why:
             skipped.append(f"{control.tag} {control.name!r}: {why}")
+            continue
+        if ask.kind != "caption" and sum(a.kind != "caption" for a in asks) >= MAX_QUESTIONS:
+            dropped.append(ask.from_name)
+            skipped.append(f"{control.tag} {control.name!r}: more than {MAX_QUESTIONS} questions per task")
+            continue
+        asks.append(ask)
+    if dropped:
+        log.warning(
+            "the labeling config asks %d questions per task; only the first %d are predicted, not: %s",
+            MAX_QUESTIONS + len(dropped),
+            MAX_QUESTIONS,
+            ", ".join(dropped),
+        )
     return Plan(tuple(asks), tuple(skipped))
+
+
+def check_xml(label_config: str) -> None:
+    """Refuses, before label-studio-sdk parses it with lxml's defaults, a config that is too long or
+    declares a DTD (Label Studio's configs have none; a DTD is how entity bombs and external entities
+    get in)."""
+    if not isinstance(label_config, str):
+        raise ConfigError(f"the labeling config is a {type(label_config).__name__}, not XML text")
+    if len(label_config) > MAX_CONFIG_CHARS:
+        raise ConfigError(
+            f"the labeling config is {len(label_config)} characters long, "
+            f"more than the {MAX_CONFIG_CHARS} allowed"
+        )
+    # refused before any parsing, so neither the cost nor the message depends on the libxml2 version
+    if "<!DOCTYPE" in label_config.upper():
+        raise ConfigError(_NO_DTD)
+    # no entity expansion, no DTD loading, no network, no huge-tree mode (a parser per call: lxml's
+    # parsers are not to be shared between threads)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+    try:
+        root = etree.fromstring(label_config.encode(), parser)
+    except etree.XMLSyntaxError as e:
+        raise ConfigError(f"cannot parse the labeling config: {e}") from None
+    if root.getroottree().docinfo.doctype:
+        raise ConfigError(_NO_DTD)
+
+
+_NO_DTD = "the labeling config has a <!DOCTYPE> (entity declarations); labeling configs need none"
 
 
 class _Skip(Exception):
@@ -127,7 +183,7 @@ def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str
     if attr.get("question", "").strip():
         q = attr["question"].strip()
         question_field = _field(q)
-        question = None if question_field else q
+        question = None if question_field else _cut(q, f"{control.name}'s question")
     elif target.tag != "Image":
         question_field = _field(getattr(target, "value", None) or "")
         if question_field is None:
@@ -172,6 +228,19 @@ def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str
         threshold=threshold,
         **common,
     )
+
+
+def _cut(question: str, what: str) -> str:
+    if len(question) <= MAX_QUESTION_CHARS:
+        return question
+    log.warning(
+        "%s is %d characters long; only its first %d are asked: %.80r...",
+        what,
+        len(question),
+        MAX_QUESTION_CHARS,
+        question,
+    )
+    return question[:MAX_QUESTION_CHARS]
 
 
 def _field(value: str | None) -> str | None:

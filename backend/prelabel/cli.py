@@ -12,6 +12,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from backend.annotate.fetch import ENV as ALLOWED_IMAGE_HOSTS
+from backend.annotate.fetch import FetchPolicy
 from backend.prelabel.job import Job, PrelabelError, RayOptions
 from backend.runtime.manifest import ModelDirError, load_manifest
 
@@ -82,6 +84,12 @@ def main(args: argparse.Namespace) -> int:
         return fail("no API key: pass --api-key or set LABEL_STUDIO_API_KEY")
     if args.batch < 1 or args.writers < 1 or args.retries < 0:
         return fail("--batch and --writers must be at least 1, --retries at least 0")
+    try:
+        # checked here, once; every worker (Ray actors included) applies the driver's value
+        allowed = os.environ.get(ALLOWED_IMAGE_HOSTS, "")
+        FetchPolicy.parse(allowed)
+    except ValueError as e:
+        return fail(str(e))
     model_dir = str(Path(args.model_dir).resolve())  # Ray workers run elsewhere
     try:
         precision = resolve_precision(model_dir, args.precision)
@@ -97,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         threads=int(os.environ["INFERENCE_THREADS"]) if os.environ.get("INFERENCE_THREADS") else None,
         inference_precision=os.environ.get("INFERENCE_PRECISION") or None,
+        allowed_image_hosts=allowed,
         batch=args.batch,
         writers=args.writers,
         retries=args.retries,

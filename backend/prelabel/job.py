@@ -43,6 +43,7 @@ class Job:
     device: str = "CPU"
     threads: int | None = None  # OpenVINO inference threads; None: all cores
     inference_precision: str | None = None  # OpenVINO execution precision; None: Blip's default
+    allowed_image_hosts: str = ""  # ALLOWED_IMAGE_HOSTS of the driver, applied by every worker alike
     batch: int = 16
     writers: int = 4
     retries: int = 8

@@ -8,6 +8,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
 from backend.annotate.labeling import plan
 from backend.annotate.predict import Predictor
@@ -56,7 +57,9 @@ class BatchWorker:
         self.predictor = Predictor(blip, chunk=job.batch)
         self.model_version = self.predictor.model_version
         self.plan = plan(job.label_config, tuple(blip.tasks))
-        self.loader = ImageLoader(hostname=job.url, access_token=job.api_key)
+        self.loader = ImageLoader(
+            hostname=job.url, access_token=job.api_key, policy=FetchPolicy.parse(job.allowed_image_hosts)
+        )
         self.api = api or Api(job)
         self.reasons = _Reasons()
         if self.reasons not in predict_log.handlers:

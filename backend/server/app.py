@@ -3,7 +3,8 @@
     app = create_app()          # MODEL_DIR, DEVICE, ... from the environment (see backend/server/wsgi.py)
 
 The model is loaded once, when the app is created (one per gunicorn worker), never per request:
-Label Studio gives /setup 3 s and /health 1 s.
+Label Studio gives /setup 3 s and /health 1 s. A request body larger than MAX_REQUEST_MB is answered
+413 before it is read (from Content-Length; a chunked body is cut off one byte past the limit).
 """
 
 from __future__ import annotations
@@ -18,13 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
+from backend.annotate.fetch import ENV as ALLOWED_IMAGE_HOSTS
+from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
 from backend.annotate.labeling import ConfigError, plan
 from backend.annotate.predict import Predictor
 from backend.runtime.blip import Blip
 
 log = logging.getLogger(__name__)
+
+# Label Studio sends a whole selection in one /predict. 256 MB holds a few hundred tasks of data-URI
+# photos (300 x ~600 KB of base64) and matches Label Studio's own import limit
+# (DATA_UPLOAD_MAX_MEMORY_SIZE, 250 MB); tasks with URLs take ~1 KB each. The body is held in memory and
+# parsed, so each request in flight may cost a few times this.
+MAX_REQUEST_MB = 256
 
 
 @dataclass
@@ -40,6 +50,8 @@ class Settings:
     api_key: str | None = None
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
+    allowed_image_hosts: str = ""  # ALLOWED_IMAGE_HOSTS: host names, IPs and CIDRs, comma-separated
+    max_request_mb: int = MAX_REQUEST_MB
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,6 +66,8 @@ class Settings:
             api_key=env("LABEL_STUDIO_API_KEY") or env("LABEL_STUDIO_ACCESS_TOKEN") or None,
             basic_auth_user=env("BASIC_AUTH_USER") or None,
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
+            allowed_image_hosts=env(ALLOWED_IMAGE_HOSTS) or "",
+            max_request_mb=_positive_int("MAX_REQUEST_MB") or MAX_REQUEST_MB,
         )
 
 
@@ -110,6 +124,7 @@ def create_app(
     settings = settings or Settings.from_env()
     if model_dir is not None:
         settings.model_dir = str(model_dir)
+    policy = FetchPolicy.parse(settings.allowed_image_hosts)  # a bad entry stops the start, not a task
     if blip is None:
         t0 = time.perf_counter()
         blip = load_blip(settings)
@@ -129,11 +144,17 @@ def create_app(
     app = Flask("blip-backend")
     app.config["predictor"] = predictor
     app.config["metrics"] = metrics
+    max_bytes = settings.max_request_mb << 20
+    # werkzeug stops reading a chunked body at MAX_CONTENT_LENGTH without an error: one byte more than
+    # allowed is how bound_body tells a body at the limit from a longer one
+    app.config["MAX_CONTENT_LENGTH"] = max_bytes + 1
+    log.info("fetch policy: %s", policy.describe())
 
     def loader() -> ImageLoader:
         return ImageLoader(
             hostname=settings.label_studio_url or from_setup["hostname"],
             access_token=settings.api_key or from_setup["access_token"],
+            policy=policy,
         )
 
     @app.before_request
@@ -157,6 +178,16 @@ def create_app(
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="blip-backend"'
         return response
+
+    @app.before_request
+    def bound_body() -> None:
+        """413 for a body over MAX_REQUEST_MB: from Content-Length before reading anything, and for a
+        chunked body as soon as one byte too many has arrived (the rest is never read)."""
+        if request.content_length is not None:
+            if request.content_length > max_bytes:
+                raise RequestEntityTooLarge()
+        elif request.method == "POST" and len(request.get_data(cache=True)) > max_bytes:
+            raise RequestEntityTooLarge()
 
     @app.get("/")
     @app.get("/health")
@@ -229,6 +260,13 @@ def create_app(
     @app.get("/metrics")
     def get_metrics() -> Response:
         return jsonify({**metrics.snapshot(), "model_version": predictor.model_version})
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e: RequestEntityTooLarge) -> tuple[Response, int]:
+        size = f"{request.content_length} bytes" if request.content_length else "a chunked body"
+        detail = f"request body larger than MAX_REQUEST_MB ({settings.max_request_mb} MB)"
+        log.warning("%s %s refused: %s, %s", request.method, request.path, size, detail)
+        return jsonify({"status": "error", "detail": detail}), 413
 
     @app.errorhandler(Exception)
     def on_error(e: Exception) -> tuple[Response, int]:

@@ -1,15 +1,23 @@
 """The benchmark cannot rot: a smoke run on the tiny model (one repeat) completes and reports every cell.
 
 Speed itself is never asserted here (bench/run.py measures it, on the full-size model); this only
-proves the command works and that its notebook-style reference is a correct BLIP pipeline.
+proves the command works and that its two notebook references (the notebook as users run it, and the
+notebook's pipeline shape on this project's parts) are correct BLIP pipelines.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from transformers import BlipForQuestionAnswering
+
+from model_build.reference import caption_ids
+from model_build.tiny_blip import CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,22 +37,58 @@ def test_bench_smoke_run_reports_every_contender_and_workload(tmp_path: Path, he
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
     for workload in ("vision", "caption", "question", "task"):
-        assert set(results["ms"][workload]) == {"pytorch", "notebook_int8", "fp16", "int8"}
+        assert set(results["ms"][workload]) == {"pytorch", "notebook", "notebook_style", "fp16", "int8"}
         assert all(ms > 0 for ms in results["ms"][workload].values())
     for precision in ("int8", "fp16"):
         assert results["backend"][precision]["tasks_per_s"] > 0
         assert results["backend"][precision]["peak_rss_mib"] > 50
-    assert results["build_s"] > 0
+    assert results["build_s"] > 0 and results["notebook"]["build_s"] > 0
+    # the notebook's IRs are compiled with OpenVINO's defaults, on the bench's number of threads
+    compiled = results["notebook"]["compiled"]
+    assert set(compiled) == {"blip_vision_model", "blip_text_encoder", "blip_text_decoder_with_past"}
+    for settings in compiled.values():
+        assert settings["PERFORMANCE_HINT"] == "LATENCY" and settings["NUM_STREAMS"] == 1
+        assert settings["INFERENCE_NUM_THREADS"] == results["threads"]
+        assert settings["INFERENCE_PRECISION_HINT"] in ("f32", "bf16", "f16")
+    # the machine the ratios belong to: CPU model and flags
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1
+    if Path("/proc/cpuinfo").exists() and platform.machine() == "x86_64":
+        assert "sse2" in machine["cpu_flags"].split()  # every x86-64 CPU has it
     assert "task (caption + 3 q)" in run.stdout and "tasks/s" in run.stdout
 
-    # the reference pipeline the README's ratios are measured against gets the test model's scenes right
+    # the reference pipelines the README's ratios are measured against get the test model's scenes right
     sys.path.insert(0, str(REPO / "bench"))
+    from notebook_faithful import NotebookBlip
     from notebook_style import NotebookPipeline
 
-    pipeline = NotebookPipeline(
-        tmp_path / "model", tmp_path / "notebook" / "decoder_with_cross_attention.xml", 1
-    )
     scenes = held_out[:10]
+    # the notebook as users run it: its IRs, transformers' generate, max_length=20, stopping at [SEP]
+    notebook = NotebookBlip(CHECKPOINT_DIR, tmp_path / "notebook_faithful", threads=1)
+    right = sum(notebook.caption(s.image) == s.caption for s in scenes)
+    right += sum(notebook.answer(s.image, s.qa[0].question) == s.qa[0].answer for s in scenes)
+    assert right >= 18, right
+    # and its export is transformers' BLIP: the FP16 IRs executed in f32 decode transformers' token ids
+    exact = NotebookBlip(
+        CHECKPOINT_DIR,
+        tmp_path / "notebook_faithful",
+        threads=1,
+        precision="fp16",
+        config={"INFERENCE_PRECISION_HINT": "f32"},
+    )
+    model = BlipForQuestionAnswering.from_pretrained(CHECKPOINT_DIR, dtype=torch.float32).eval()
+    for s in scenes[:5]:
+        inputs = exact.processor(images=s.image, text=s.qa[1].question, return_tensors="pt")
+        pixels, length = inputs["pixel_values"], {"max_length": 20}  # the notebook's
+        with torch.no_grad():
+            answer = model.generate(**inputs, **length)
+        caption = caption_ids(model, pixels, **length)
+        assert exact.generate_answer(**inputs, **length).tolist() == answer.tolist()
+        assert exact.generate_caption(pixels, **length).tolist() == caption.tolist()
+
+    pipeline = NotebookPipeline(
+        tmp_path / "model", tmp_path / "notebook_style" / "decoder_with_cross_attention.xml", 1
+    )
     right = sum(pipeline.caption(s.image, stop=True) == s.caption for s in scenes)
     right += sum(pipeline.answer(s.image, s.qa[0].question, stop=True) == s.qa[0].answer for s in scenes)
     assert right >= 18, right

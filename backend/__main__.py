@@ -72,6 +72,29 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.isdigit() else default
 
 
+# gunicorn settings; bench/load.py and tests/test_load.py measure them under load and SIGTERM.
+#
+# --timeout is not a request timeout with threaded workers: the worker's main thread reports to the
+# master every second while request threads run, however long a /predict takes (a 600-task request
+# under a 1 s --timeout completes, tests/test_load.py), and the reports start once the worker has booted
+# (gunicorn 27: a 5 s boot under a 1 s --timeout is not killed), so loading a large model is not
+# limited either. It restarts a worker whose main loop has stalled this long (a deadlock, a C call
+# holding the GIL): such a worker answers nothing, /health included. /predict itself is not cut short:
+# Label Studio stops waiting after its own ML_TIMEOUT_PREDICT and retries unpredicted tasks at the next
+# retrieval, while killing the worker would lose every other request in flight and cost a model load.
+WATCHDOG_S = 60
+# On SIGTERM (docker stop, systemd, Ctrl-C is SIGINT: immediate) the worker stops accepting, new
+# connections are refused (backend/server/worker.py), and requests in flight get this long to finish.
+# Label Studio waits at most ML_TIMEOUT_PREDICT (100 s by default) for a /predict: any request it still
+# waits for at the signal either ends within 100 s or is abandoned by Label Studio by then (its tasks
+# stay unpredicted and are retried at the next retrieval), so nothing is lost that it would not retry.
+# (A container runtime's own stop timeout must be at least this long, or it kills the process first.)
+GRACEFUL_S = 100
+# No --max-requests: restarting a worker reloads the model (seconds to minutes, during which that
+# worker answers nothing) and bench/load.py measures no growth of the worker's memory from one round of
+# requests to the next that a restart would undo.
+
+
 def gunicorn_argv(args: argparse.Namespace) -> list[str]:
     host = f"[{args.host}]" if ":" in args.host else args.host
     return [
@@ -82,11 +105,16 @@ def gunicorn_argv(args: argparse.Namespace) -> list[str]:
         f"{host}:{args.port}",
         "--workers",
         str(args.workers),
+        # gthread with a lane of its own for /health, /setup, /metrics and /webhook, so they are answered
+        # while every request thread waits on a /predict
+        "--worker-class",
+        "backend.server.worker.Worker",
         "--threads",
         str(args.threads),
-        # predictions of a large batch legitimately take minutes; Label Studio has its own timeout
         "--timeout",
-        "0",
+        str(WATCHDOG_S),
+        "--graceful-timeout",
+        str(GRACEFUL_S),
         "--log-level",
         os.environ.get("LOG_LEVEL", "info").lower(),
         # no --preload: OpenVINO's thread pools don't survive fork, each worker loads the model itself

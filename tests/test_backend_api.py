@@ -473,7 +473,11 @@ def test_serve_runs_gunicorn_with_the_environment(monkeypatch, tmp_path, capsys)
     flags = dict(zip(argv[3:-1:2], argv[4::2]))
     assert argv[1:3] == ["-m", "gunicorn"] and argv[-1] == "backend.server.wsgi:app"
     assert flags["--bind"] == "0.0.0.0:9191" and flags["--workers"] == "3" and flags["--threads"] == "5"
-    assert flags["--timeout"] == "0" and "--preload" not in argv  # OpenVINO does not survive fork
+    assert "--preload" not in argv  # OpenVINO does not survive fork
+    # a threaded worker (--timeout is its main loop's heartbeat, so a long /predict is not cut short:
+    # tests/test_load.py), whose quick lane answers /health while /predict requests queue
+    assert flags["--worker-class"] == "backend.server.worker.Worker"
+    assert flags["--timeout"] == "60" and flags["--graceful-timeout"] == "100"
     argv = gunicorn_argv(parser().parse_args(["serve", "--host", "127.0.0.1", "--port", "8000"]))
     assert "127.0.0.1:8000" in argv
     monkeypatch.delenv("MODEL_DIR", raising=False)

@@ -168,6 +168,11 @@ def test_backend_service(tmp_path, monkeypatch):
     assert env["PORT"] == "9090"
     test = svc["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"] and "/health" in test[3]
+    # `docker stop` waits longer than gunicorn gives a /predict in flight before it kills the process
+    from backend.__main__ import GRACEFUL_S
+
+    minutes, seconds = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", svc["stop_grace_period"]).groups()
+    assert int(minutes or 0) * 60 + int(seconds or 0) > GRACEFUL_S, svc["stop_grace_period"]
     # the names are the ones the code reads (plus label-studio-sdk's VERIFY_SSL), and none is left out
     # but HOST (the container must listen on all interfaces) and the legacy aliases
     reads = backend_reads(monkeypatch)

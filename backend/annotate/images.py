@@ -29,6 +29,7 @@ from typing import Any
 import jwt
 import numpy as np
 import requests
+import urllib3
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import (
     get_local_path,
     http_session,
@@ -75,15 +76,33 @@ class _LimitedSession(requests.Session):
             response.close()
             raise ImageError(f"{_short(url)}: {int(declared)} bytes, more than the {self.max_bytes} allowed")
         deadline = time.monotonic() + self.timeout
+        too_slow = ImageError(f"{_short(url)}: download took longer than {self.timeout:g} s")
+        # a read blocks until its chunk is full and every arriving byte restarts the socket's timeout: a
+        # body trickled a byte at a time would hold the request for hours. Each read may only wait as long
+        # as the deadline leaves.
+        sock = getattr(getattr(response.raw, "connection", None), "sock", None)
         body = bytearray()
-        for chunk in response.iter_content(1 << 16):
-            body += chunk
-            if len(body) > self.max_bytes:
-                response.close()
-                raise ImageError(f"{_short(url)}: more than the {self.max_bytes} bytes allowed")
-            if time.monotonic() > deadline:
-                response.close()
-                raise ImageError(f"{_short(url)}: download took longer than {self.timeout:g} s")
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise too_slow
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = response.raw.read1(1 << 16, decode_content=True)  # what one recv brings
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise ImageError(f"{_short(url)}: more than the {self.max_bytes} bytes allowed")
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError, OSError) as e:
+            response.close()
+            if time.monotonic() >= deadline:
+                raise too_slow from None
+            raise requests.ConnectionError(e) from None
+        except ImageError:
+            response.close()
+            raise
         response._content = bytes(body)  # what `response.content` returns to the SDK
         return response
 

@@ -29,11 +29,12 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def int8_dir(image_folder: Path, tmp_path_factory) -> Path:
-    """The default build (300 samples, accuracy control at 0.99, gate on), calibrated on the folder."""
+@pytest.fixture(scope="module", params=["tiny", "tiny-wide"])
+def int8_dir(request, image_folder: Path, tmp_path_factory) -> Path:
+    """The default build (300 samples, accuracy control at 0.99, gate on) of each bundled test model,
+    calibrated on the folder. Nothing is tuned on one of them: what holds must hold for both."""
     out = tmp_path_factory.mktemp("int8") / "model"
-    args = ["tiny", "-o", str(out)]
+    args = [request.param, "-o", str(out)]
     args += [
         "--calibration-images",
         str(image_folder),
@@ -51,11 +52,17 @@ def test_report_and_manifest(int8_dir: Path):
     assert manifest["int8"]["serve"] is True
     assert report["calibration"]["source"].startswith("folder ")
     assert len(report["calibration"]["skipped"]) == 2  # broken.png and notes.jpg, counted, not fatal
+    # a part accuracy control kept whole or partly in float may be no smaller; the rest are, and so is the sum
+    stages = {s["part"]: s for s in report["accuracy_control"]["stages"]}
+    floated = {p for p, s in stages.items() if s["kept_fp16"] or s["reverted"]}
     for part, size in report["sizes"].items():
-        assert size["int8_bytes"] < size["fp16_bytes"], part
+        if part not in floated:
+            assert size["int8_bytes"] < size["fp16_bytes"], part
+    sizes = report["sizes"].values()
+    assert sum(s["int8_bytes"] for s in sizes) < sum(s["fp16_bytes"] for s in sizes)
     assert report["gate"] == {**report["gate"], "threshold": 0.99, "by": "target agreement", "passed": True}
     control = report["accuracy_control"]
-    assert control["reached"] and control["aim"] == pytest.approx(0.995)
+    assert control["reached"] and control["aim"] == pytest.approx(0.9975)
     assert [s["part"] for s in control["stages"]] == [
         "cross_kv",
         "decoder",
@@ -112,10 +119,10 @@ def test_accuracy_control_restores_what_plain_int8_breaks(
     stages = {s["part"]: s for s in report["accuracy_control"]["stages"]}
     # weight compression: the decoder's outlier weights cannot be compressed; it ships in FP16
     assert stages["decoder"]["plain"] < 0.9 and stages["decoder"]["kept_fp16"]
-    assert not stages["cross_kv"]["kept_fp16"] and stages["decoder"]["final"] >= 0.995
+    assert not stages["cross_kv"]["kept_fp16"] and stages["decoder"]["final"] >= 0.9975
     assert report["sizes"]["decoder"]["int8_bytes"] == report["sizes"]["decoder"]["fp16_bytes"]
     vision = stages["vision"]
-    assert vision["plain"] < 0.9 <= 0.995 <= vision["final"]
+    assert vision["plain"] < 0.9 <= 0.9975 <= vision["final"]
     # the attention products of the doctored layers, and little else, went back to float
     reverted = [op["operation"] for op in vision["reverted"]]
     assert 1 <= len(reverted) <= 6 and all("self_attn" in op for op in reverted), reverted

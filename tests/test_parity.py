@@ -6,8 +6,34 @@ import pytest
 import torch
 
 from model_build.reference import caption_ids
+from model_build.tiny_blip import CHECKPOINT_DIR, WIDE_CHECKPOINT_DIR
 
 N = 16  # scenes per parity check
+
+
+@pytest.fixture(scope="module", params=[CHECKPOINT_DIR, WIDE_CHECKPOINT_DIR], ids=["tiny", "tiny-wide"])
+def checkpoint(request):
+    """Both bundled test models: other widths, head sizes, image sizes and token ids."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def blip(checkpoint, tiny_dir, tmp_path_factory):
+    from backend.runtime.blip import Blip
+    from model_build.export import build
+
+    if checkpoint == CHECKPOINT_DIR:
+        return Blip(tiny_dir)
+    return Blip(build(str(checkpoint), tmp_path_factory.mktemp("parity") / "model", int8=False))
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    from transformers import AutoProcessor, BlipForQuestionAnswering
+
+    return BlipForQuestionAnswering.from_pretrained(checkpoint).eval(), AutoProcessor.from_pretrained(
+        checkpoint
+    )
 
 
 def hf_caption_ids(hf, images, prompt_ids: list[int] | None = None, **generation) -> list[list[int]]:

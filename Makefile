@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 MODEL_DIR ?= .cache/models/tiny
 SAMPLES := model_build/tiny_blip/samples
 
-.PHONY: test demo lint clean serve bench quality
+.PHONY: test demo lint clean serve bench quality screenshots chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,20 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[$*]'
 	touch $@
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The browser tests drive Debian's Chromium (Playwright's own browser download cannot work offline).
+# Installed with apt when missing and possible; otherwise the browser tests skip, saying why.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "no Chromium (apt-get install chromium): the browser tests will be skipped"
+
+# The README's pictures (docs/*.png): a real Label Studio and the backend, driven by Chromium.
+screenshots: $(VENV)/.installed-test chromium
+	SCREENSHOTS_DIR=docs $(BIN)/pytest -q tests/test_browser.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -43,6 +43,8 @@ def test_bench_smoke_run_reports_every_contender_and_workload(tmp_path: Path, he
         assert results["backend"][precision]["tasks_per_s"] > 0
         assert results["backend"][precision]["peak_rss_mib"] > 50
     assert results["build_s"] > 0 and results["notebook"]["build_s"] > 0
+    asked = results["backend"]["int8"]["interactive"]
+    assert asked["first_ms"] > 0 and asked["follow_up_ms"] > 0
     # the notebook's IRs are compiled with OpenVINO's defaults, on the bench's number of threads
     compiled = results["notebook"]["compiled"]
     assert set(compiled) == {"blip_vision_model", "blip_text_encoder", "blip_text_decoder_with_past"}
@@ -55,7 +57,7 @@ def test_bench_smoke_run_reports_every_contender_and_workload(tmp_path: Path, he
     assert machine["cpu"] and machine["cores"] >= 1
     if Path("/proc/cpuinfo").exists() and platform.machine() == "x86_64":
         assert "sse2" in machine["cpu_flags"].split()  # every x86-64 CPU has it
-    assert "task (caption + 3 q)" in run.stdout and "tasks/s" in run.stdout
+    assert "task (caption + 3 q)" in run.stdout and "tasks/s" in run.stdout and "follow-up" in run.stdout
 
     # the reference pipelines the README's ratios are measured against get the test model's scenes right
     sys.path.insert(0, str(REPO / "bench"))

@@ -11,18 +11,27 @@ URIs, personal access tokens (exchanged for short-lived access tokens), limits o
 decoded pixels, and the fetch policy (backend/annotate/fetch.py): every request it makes, each redirect
 hop included, goes through a transport that refuses what the policy refuses and sends the token to the
 Label Studio host only; Local Storage files are read from disk only under LOCAL_FILES_DOCUMENT_ROOT.
+
+`ImageLoader.fetch` also says what the file was (`Source`: the digest of its bytes and how to tell,
+next time, that the URL still holds it) and, given what it was last time, skips the download when it
+can prove nothing changed: data URIs are their own content, Label Studio's uploads never change (it
+names every upload anew), Local Storage files read from disk keep their inode, size and modification
+time, and other URLs answer a conditional GET (If-None-Match / If-Modified-Since) with 304.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
+import os
 import tempfile
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,33 @@ class ImageError(Exception):
     """This task's image cannot be used; the message says why (logged with the task id)."""
 
 
+@dataclass(frozen=True)
+class Source:
+    """What an image URL held when it was read, and how to tell later that it still holds that."""
+
+    digest: str  # sha256 of the file's bytes (of the whole URI for a data URI)
+    etag: str | None = None  # the server's validators, for a conditional GET
+    last_modified: str | None = None
+    stat: tuple[int, int, int, int] | None = None  # a file read from disk: device, inode, size, mtime_ns
+    immutable: bool = False  # a data URI or a Label Studio upload: the URL always means these bytes
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """`data` is None when the URL still holds what `source` (the caller's `known`) describes."""
+
+    data: bytes | None
+    source: Source
+
+
+class _NotModified(Exception):
+    """A conditional GET was answered 304."""
+
+
+def digest(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
 class _LimitedSession(requests.Session):
     """A session that enforces the fetch policy and our byte and time limits on the downloads the SDK
     makes through it.
@@ -58,17 +94,36 @@ class _LimitedSession(requests.Session):
     chunks, so an endless or huge body is cut off at MAX_BYTES / TIMEOUT instead of filling memory.
     """
 
-    def __init__(self, max_bytes: int, timeout: float, policy: FetchPolicy, label_studio: str | None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        timeout: float,
+        policy: FetchPolicy,
+        label_studio: str | None,
+        known: Source | None = None,
+    ) -> None:
         super().__init__()
         self.max_bytes, self.timeout = max_bytes, timeout
         adapter = PinnedAdapter(policy, label_studio)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
+        # a GET asks for the file only if it changed since `known` was read (kept across redirects)
+        self.conditional: dict[str, str] = {}
+        if known is not None and known.etag:
+            self.conditional["If-None-Match"] = known.etag
+        if known is not None and known.last_modified:
+            self.conditional["If-Modified-Since"] = known.last_modified
+        self.validators: tuple[str | None, str | None] = (None, None)  # the downloaded file's
 
     def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         kwargs["stream"] = True
+        if self.conditional and method.upper() == "GET":
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), **self.conditional}
         response = super().request(method, url, *args, **kwargs)
+        if response.status_code == 304 and self.conditional:
+            response.close()
+            raise _NotModified()
         if not response.ok:
             return response  # the caller's raise_for_status reports it
         declared = response.headers.get("Content-Length")
@@ -104,6 +159,7 @@ class _LimitedSession(requests.Session):
             response.close()
             raise
         response._content = bytes(body)  # what `response.content` returns to the SDK
+        self.validators = (response.headers.get("ETag"), response.headers.get("Last-Modified"))
         return response
 
 
@@ -126,6 +182,20 @@ class ImageLoader:
         self.policy = policy if policy is not None else FetchPolicy.from_env()
 
     def load(self, url: Any, task_id: int | None = None) -> Image.Image:
+        data = self.fetch(url, task_id).data
+        assert data is not None
+        return self.decode(data)
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode(data, self.max_pixels)
+
+    def key(self, url: Any) -> tuple[str, str]:
+        """What identifies an image URL for the cache's `sources` (relative URLs mean this Label Studio's)."""
+        return (self.hostname or "", url.strip() if isinstance(url, str) else repr(url))
+
+    def fetch(self, url: Any, task_id: int | None = None, known: Source | None = None) -> Fetched:
+        """The file's bytes and what they are; with `known` (what this URL held last time), `data` is None
+        when the URL provably still holds that, found without downloading it again where possible."""
         if not isinstance(url, str) or not url.strip():
             raise ImageError(f"the image field holds {url!r}, not a URL")
         url = url.strip()
@@ -133,8 +203,46 @@ class ImageLoader:
             self.policy.check_source(url)
         except Refused as e:
             raise ImageError(_refusal(url, e)) from None
-        data = self._data_uri(url) if url.startswith("data:") else self._fetch(url, task_id)
-        return decode(data, self.max_pixels)
+        if url.startswith("data:"):
+            source = Source(digest(url), immutable=True)
+            if known is not None and known.digest == source.digest:
+                return Fetched(None, known)
+            return Fetched(self._data_uri(url), source)
+        upload = self._is_upload(url)
+        if known is not None and known.immutable and upload:
+            return Fetched(None, known)
+        stat = self._local_stat(url)
+        if known is not None and stat is not None and known.stat == stat:
+            return Fetched(None, known)
+        # a file read from disk is not asked for conditionally: its stat says whether it changed
+        ask = known if known is not None and stat is None and not upload else None
+        try:
+            data, (etag, modified) = self._fetch(url, task_id, ask)
+        except _NotModified:
+            assert known is not None
+            return Fetched(None, known)
+        return Fetched(data, Source(digest(data), etag, modified, stat, immutable=upload))
+
+    def _is_upload(self, url: str) -> bool:
+        """A Label Studio upload: it names every uploaded file anew and never replaces one."""
+        path = url
+        if self.hostname and url.startswith(self.hostname + "/"):
+            path = url[len(self.hostname) :]
+        return path.startswith(("upload/", "/upload/", "/data/upload/")) or (
+            path.startswith(("/storage-data/uploaded", "storage-data/uploaded"))
+            and "filepath=upload/" in path
+        )
+
+    def _local_stat(self, url: str) -> tuple[int, int, int, int] | None:
+        """For a Local Storage file read from disk (LOCAL_FILES_DOCUMENT_ROOT), what identifies its bytes."""
+        if not (self.policy.local_files_root and url.startswith("/data/") and "?d=" in url):
+            return None
+        relative = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).get("d", [""])[0]
+        try:
+            st = os.stat(self.policy.local_file(relative))
+        except (Refused, OSError, ValueError):
+            return None  # the fetch itself reports it
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _data_uri(self, url: str) -> bytes:
         header, sep, payload = url.partition(",")
@@ -150,12 +258,15 @@ class ImageLoader:
                 raise ImageError(f"data URI is not valid base64: {e}") from None
         return urllib.parse.unquote_to_bytes(payload)
 
-    def _fetch(self, url: str, task_id: int | None) -> bytes:
+    def _fetch(
+        self, url: str, task_id: int | None, known: Source | None = None
+    ) -> tuple[bytes, tuple[str | None, str | None]]:
+        """The file's bytes and its (ETag, Last-Modified); _NotModified when it is still `known`."""
         # a fresh folder per image: the SDK caches by URL forever otherwise, and a changed file
         # behind the same URL would never be seen again
         with (
             tempfile.TemporaryDirectory(prefix="blip-img-") as cache,
-            _LimitedSession(self.max_bytes, self.timeout, self.policy, self.hostname) as session,
+            _LimitedSession(self.max_bytes, self.timeout, self.policy, self.hostname, known) as session,
             http_session(session),
             local_files_resolver(self._local_file if self.policy.local_files_root else None),
         ):
@@ -173,7 +284,7 @@ class ImageLoader:
                         image_dir=str(Path(cache) / "no-local-uploads"),
                     )
                 )
-            except ImageError:
+            except (ImageError, _NotModified):
                 raise
             except Refused as e:
                 raise ImageError(_refusal(url, e)) from None
@@ -189,7 +300,7 @@ class ImageLoader:
                 size = path.stat().st_size
                 if size > self.max_bytes:  # Local Storage files are read from disk, unlimited by the session
                     raise ImageError(f"{_short(url)}: {size} bytes, more than the {self.max_bytes} allowed")
-                return path.read_bytes()
+                return path.read_bytes(), session.validators
             except OSError as e:
                 raise ImageError(f"{_short(url)}: {e.strerror or e}") from None
 

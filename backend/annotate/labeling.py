@@ -14,6 +14,9 @@ Conventions (custom attributes on control tags; Label Studio keeps them):
 - The image asked about is the control's toName when it is an Image, else the `image="<name>"`
   attribute, else the first Image of the config.
 - `predict="false"` on a control: the backend leaves it alone.
+- `question="#ask"` on a TextArea or Choices, where `ask` is a TextArea of the config: the question is
+  what the annotator types into `ask` while labeling (interactive mode, backend/annotate/interactive.py);
+  `ask` itself is then a question box, never captioned, and retrievals leave these controls empty.
 
 Limits: a config is parsed without a DTD, entities or network access and may be MAX_CONFIG_CHARS long;
 at most MAX_QUESTIONS controls ask questions (the rest are skipped, and logged once per config), and a
@@ -54,7 +57,8 @@ class Ask:
     kind: str  # "caption" | "answer" | "rank"
     prompt: str | None = None
     question: str | None = None  # a fixed question ...
-    question_field: str | None = None  # ... or the task.data key holding it
+    question_field: str | None = None  # ... or the task.data key holding it ...
+    question_box: str | None = None  # ... or the TextArea the annotator types it into (interactive only)
     candidates: tuple[str, ...] = ()  # Choice values, ranked by BLIP
     labels: tuple[str, ...] = ()  # what the result stores for each candidate (alias or value)
     multiple: bool = False
@@ -62,6 +66,8 @@ class Ask:
 
     def question_for(self, data: dict[str, Any]) -> str | None:
         """The question for one task, or None when the task has none for this control."""
+        if self.question_box is not None:
+            return None  # asked only while labeling
         if self.question_field is None:
             return self.question
         value = data.get(self.question_field)
@@ -74,6 +80,13 @@ class Ask:
 class Plan:
     asks: tuple[Ask, ...]
     skipped: tuple[str, ...] = field(default=())  # "control: why", for the log
+    boxes: tuple[str, ...] = ()  # TextAreas the annotator types questions into (`question="#box"`)
+
+    def ask(self, name: str) -> Ask | None:
+        return next((a for a in self.asks if a.from_name == name), None)
+
+    def receivers(self, box: str) -> tuple[Ask, ...]:
+        return tuple(a for a in self.asks if a.question_box == box)
 
     def why_nothing(self) -> str:
         if self.skipped:
@@ -94,10 +107,19 @@ def plan(label_config: str, tasks: tuple[str, ...] = ("caption", "answer")) -> P
     except Exception as e:  # the SDK raises whatever the XML parser or its validators raise
         raise ConfigError(f"cannot parse the labeling config: {type(e).__name__}: {e}") from None
     images = [o for o in interface.objects if o.tag == "Image"]
+    textareas = {c.name for c in interface.controls if c.tag == "TextArea"}
+    # question boxes: TextAreas another control takes its question from (question="#name")
+    boxes = {
+        ref[1:].strip()
+        for c in interface.controls
+        if isinstance(ref := c.attr.get("question"), str) and ref.strip().startswith("#")
+    } & textareas
     asks, skipped, dropped = [], [], []
     for control in interface.controls:
+        if control.name in boxes:
+            continue  # typed into while labeling, not predicted
         try:
-            ask = _ask(control, interface, images, tasks)
+            ask = _ask(control, interface, images, tasks, textareas)
         except _Skip as why:
             skipped.append(f"{control.tag} {control.name!r}: {why}")
             continue
@@ -113,7 +135,8 @@ def plan(label_config: str, tasks: tuple[str, ...] = ("caption", "answer")) -> P
             MAX_QUESTIONS,
             ", ".join(dropped),
         )
-    return Plan(tuple(asks), tuple(skipped))
+    used = {a.question_box for a in asks}
+    return Plan(tuple(asks), tuple(skipped), tuple(sorted(b for b in boxes if b in used)))
 
 
 def check_xml(label_config: str) -> None:
@@ -148,7 +171,9 @@ class _Skip(Exception):
     pass
 
 
-def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str, ...]) -> Ask:
+def _ask(
+    control: Any, interface: LabelInterface, images: list, tasks: tuple[str, ...], textareas: set[str]
+) -> Ask:
     attr = {k: v for k, v in control.attr.items() if isinstance(v, str)}
     if attr.get("predict", "true").strip().lower() in ("false", "no", "0", "off"):
         raise _Skip('opted out with predict="false"')
@@ -178,9 +203,16 @@ def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str
     if image_field is None:
         raise _Skip(f"Image {image.name!r} has value={image.value!r}, not a $field of the task")
 
-    # the question: an attribute, an attribute naming a task field, or the Text the control points at
-    question = question_field = None
-    if attr.get("question", "").strip():
+    # the question: an attribute, an attribute naming a task field or a question box, or the Text the
+    # control points at
+    question = question_field = question_box = None
+    if attr.get("question", "").strip().startswith("#"):
+        question_box = attr["question"].strip()[1:].strip()
+        if question_box not in textareas:
+            raise _Skip(f"question={attr['question']!r}: the config has no TextArea named {question_box!r}")
+        if question_box == control.name:
+            raise _Skip(f"question={attr['question']!r} names the control itself")
+    elif attr.get("question", "").strip():
         q = attr["question"].strip()
         question_field = _field(q)
         question = None if question_field else _cut(q, f"{control.name}'s question")
@@ -190,7 +222,7 @@ def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str
             raise _Skip(f"toName {to_name!r} is a {target.tag} without a $field to read a question from")
 
     common = {"from_name": control.name, "to_name": to_name, "image_field": image_field}
-    asks_question = question is not None or question_field is not None
+    asks_question = question is not None or question_field is not None or question_box is not None
     if asks_question and "answer" not in tasks:
         raise _Skip("this model only captions; it cannot answer questions")
 
@@ -198,7 +230,14 @@ def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str
         if not asks_question:
             prompt = attr.get("prompt", "").strip() or None
             return Ask(type="textarea", kind="caption", prompt=prompt, **common)
-        return Ask(type="textarea", kind="answer", question=question, question_field=question_field, **common)
+        return Ask(
+            type="textarea",
+            kind="answer",
+            question=question,
+            question_field=question_field,
+            question_box=question_box,
+            **common,
+        )
 
     # Choices
     if not asks_question:
@@ -222,6 +261,7 @@ def _ask(control: Any, interface: LabelInterface, images: list, tasks: tuple[str
         kind="rank",
         question=question,
         question_field=question_field,
+        question_box=question_box,
         candidates=tuple(candidates),
         labels=tuple(labels),
         multiple=attr.get("choice", "single").lower() == "multiple",

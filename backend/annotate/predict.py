@@ -9,6 +9,11 @@ A `/predict` call is cut into chunks of CHUNK tasks (bounded memory); in each ch
 fetched once and encoded once by each vision encoder it needs (a paired caption model has its own),
 all captions with the same prompt are one call, all generated answers are one call and choices are
 ranked in one call per (question, candidates).
+
+With an EmbeddingCache (backend/annotate/cache.py), an image whose embeddings are kept is neither
+downloaded again (when its URL provably still holds the same file) nor encoded again, and interactive
+requests (`interactive()`, backend/annotate/interactive.py) also keep the question encoder's keys/values
+of the image, so a follow-up question about a task costs only the question and its answer.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from typing import Any
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import is_cloud_storage_uri
 
-from backend.annotate.images import ImageError, ImageLoader
+from backend.annotate import interactive
+from backend.annotate.cache import EmbeddingCache
+from backend.annotate.images import ImageError, ImageLoader, Source
 from backend.annotate.labeling import Ask, Plan
 from backend.runtime.blip import Blip
 
@@ -50,13 +57,23 @@ class Outcome:
 
 
 @dataclass
+class _Image:
+    """One distinct image of a chunk: decoded, or only known by its digest when the cache holds what
+    every vision encoder needs of it (`kept`, by Blip.encoder_key)."""
+
+    image: Any = None  # PIL image, None when not downloaded again
+    digest: str | None = None  # None without a cache
+    kept: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
 class _Work:
     """One chunk's tasks on their way through the model."""
 
     tasks: Sequence[dict[str, Any]]
     failed: dict[int, str] = field(default_factory=dict)  # task index -> why
     image_of: dict[tuple[int, str], int] = field(default_factory=dict)  # (task, image field) -> image
-    images: list = field(default_factory=list)
+    images: list[_Image] = field(default_factory=list)
 
     def single(self, i: int) -> _Work:
         """Task i alone, with the images already loaded."""
@@ -69,20 +86,37 @@ class _Work:
 
 
 class Predictor:
-    """Turns tasks into predictions with one Blip; `lock` serialises inference within the process."""
+    """Turns tasks into predictions with one Blip; `lock` serialises inference within the process.
+    `cache` (off by default) keeps what the vision encoders made of recent images."""
 
-    def __init__(self, blip: Blip, chunk: int = CHUNK) -> None:
+    def __init__(self, blip: Blip, chunk: int = CHUNK, cache: EmbeddingCache | None = None) -> None:
         self.blip = blip
         self.chunk = max(1, chunk)
         self.model_version = blip.model_version
+        self.cache = cache if cache is not None else EmbeddingCache(0)
+        self.asked = interactive.Asked()
         # one inference at a time: OpenVINO already uses every core for one call, and THREADS>1
         # gunicorn threads running models side by side would only oversubscribe them
         self.lock = threading.Lock()
+        self.counts = {"images_encoded": 0, "image_kv_computed": 0, "images_fetched": 0, "images_kept": 0}
+        self._count_lock = threading.Lock()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._count_lock:
+            self.counts[name] += n
 
     def predict(self, tasks: Sequence[dict[str, Any]], plan: Plan, loader: ImageLoader) -> Outcome:
         if not plan.asks:
             # one line per request, not per task
             log.warning("%d task(s) get no prediction: %s", len(tasks), plan.why_nothing())
+            return Outcome([[] for _ in tasks], failed=len(tasks))
+        if all(a.question_box is not None for a in plan.asks):
+            log.info(
+                "%d task(s) get no prediction: this labeling config's controls only answer questions typed "
+                "while labeling (question boxes %s)",
+                len(tasks),
+                ", ".join(plan.boxes),
+            )
             return Outcome([[] for _ in tasks], failed=len(tasks))
         entries: list[Entry] = []
         for start in range(0, len(tasks), self.chunk):
@@ -127,8 +161,19 @@ class Predictor:
             entries.append({"result": result, "score": round(score, 4), "model_version": self.model_version})
         return entries
 
-    def _load_images(self, work: _Work, plan: Plan, loader: ImageLoader) -> None:
-        fields = sorted({ask.image_field for ask in plan.asks})
+    def _load_images(
+        self,
+        work: _Work,
+        plan: Plan,
+        loader: ImageLoader,
+        needs: dict[str, tuple[Blip, ...]] | None = None,
+    ) -> None:
+        """Each distinct image of the chunk, fetched once, or not at all when the cache holds the
+        embeddings `needs` lists for its image field (default: every vision encoder the plan's asks of
+        that field use) and its URL still holds the same file."""
+        if needs is None:
+            needs = self._needs(plan.asks)
+        fields = sorted(needs)
         wanted: dict[tuple[str, Any], list[tuple[int, str]]] = defaultdict(list)
         for i, task in enumerate(work.tasks):
             data = task.get("data") if isinstance(task, dict) else None
@@ -152,8 +197,10 @@ class Predictor:
         def fetch(key: tuple[str, Any]) -> Any:
             i, f = wanted[key][0]
             task = work.tasks[i]
+            url = task["data"].get(f, task["data"].get(UNDEFINED))
+            models = {m.encoder_key: m for _, g in wanted[key] for m in needs[g]}
             try:
-                return loader.load(task["data"].get(f, task["data"].get(UNDEFINED)), task_id=_task_id(task))
+                return self._fetch(loader, url, _task_id(task), models)
             except ImageError as e:
                 return e
             except Exception as e:  # never let one image take the batch down
@@ -170,6 +217,52 @@ class Predictor:
             work.images.append(image)
             for i, f in wanted[key]:
                 work.image_of[(i, f)] = len(work.images) - 1
+
+    def _needs(self, asks: Sequence[Ask]) -> dict[str, tuple[Blip, ...]]:
+        """Image field -> the Blips whose vision encoder its asks use."""
+        needs: dict[str, dict[str, Blip]] = defaultdict(dict)
+        for ask in asks:
+            model = self.blip.captioner if ask.kind == "caption" else self.blip
+            needs[ask.image_field][model.encoder_key] = model
+        return {f: tuple(m.values()) for f, m in needs.items()}
+
+    def _fetch(self, loader: ImageLoader, url: Any, task_id: Any, models: dict[str, Blip]) -> _Image:
+        cache = self.cache
+        if not cache.enabled:
+            image = loader.load(url, task_id=task_id)
+            self._count("images_fetched")
+            return _Image(image)
+        key = loader.key(url)
+        known: Source | None = cache.source(key)
+        kept: dict[str, np.ndarray] = {}
+        if known is not None:
+            for name in models:
+                array = cache.get(name, known.digest, "embeds")
+                if array is None:
+                    break
+                kept[name] = array
+            else:  # every embedding is kept: is the file behind the URL still that one?
+                fetched = loader.fetch(url, task_id, known)
+                if fetched.data is None:
+                    self._count("images_kept")
+                    return _Image(None, known.digest, kept)
+                return self._fetched(loader, key, fetched.data, fetched.source, models)
+        fetched = loader.fetch(url, task_id)
+        assert fetched.data is not None
+        return self._fetched(loader, key, fetched.data, fetched.source, models)
+
+    def _fetched(
+        self, loader: ImageLoader, key: Any, data: bytes, source: Source, models: dict[str, Blip]
+    ) -> _Image:
+        self._count("images_fetched")
+        image = loader.decode(data)  # an undecodable file is not remembered
+        self.cache.remember(key, source)
+        kept = {}
+        for name in models:  # the same bytes under another URL, or a server that ignored If-None-Match
+            array = self.cache.get(name, source.digest, "embeds")
+            if array is not None:
+                kept[name] = array
+        return _Image(image, source.digest, kept)
 
     def _infer(self, work: _Work, plan: Plan) -> dict[int, list[dict[str, Any]]]:
         blip = self.blip
@@ -214,15 +307,10 @@ class Predictor:
         if not needs:
             return {}
         with self.lock:
-            encoded = {}  # each image through each needed vision encoder once
-            for key, (model, images) in needs.items():
-                used = sorted(images)
-                row = {img: r for r, img in enumerate(used)}
-                encoded[key] = (model.encode([work.images[k] for k in used]), row)
+            encoded = {key: self._encode(work, model, images) for key, (model, images) in needs.items()}
 
             def embeds(model: Blip, images: Sequence[int]) -> np.ndarray:
-                array, row = encoded[id(model)]
-                return array[[row[img] for img in images]]
+                return _rows(encoded[id(model)], images)
 
             captioner = blip.captioner
             for prompt, by_image in captions.items():
@@ -247,15 +335,149 @@ class Predictor:
                         results[i].append((order[ask], _choices(ask, ranked.scores)))
         return {i: [r for _, r in sorted(rs, key=lambda x: x[0])] for i, rs in results.items()}
 
+    def _encode(self, work: _Work, model: Blip, images: set[int]) -> dict[int, tuple[np.ndarray, int]]:
+        """Image -> (an array of embeddings, its row) through `model`'s vision encoder: each image once,
+        or not at all when the cache keeps its embeddings (the new ones are kept)."""
+        name = model.encoder_key
+        out: dict[int, tuple[np.ndarray, int]] = {}
+        todo = []
+        for img in sorted(images):
+            entry = work.images[img]
+            array = entry.kept.get(name)
+            if array is None and entry.digest is not None:
+                array = self.cache.get(name, entry.digest, "embeds")
+            if array is not None:
+                out[img] = (array, 0)
+            else:
+                todo.append(img)
+        if todo:
+            array = model.encode([work.images[k].image for k in todo])
+            self._count("images_encoded", len(todo))
+            for r, img in enumerate(todo):
+                out[img] = (array, r)
+                digest = work.images[img].digest
+                if digest is not None and self.cache.enabled:
+                    # a copy: a view would keep the whole batch's array alive
+                    own = array[r : r + 1] if len(todo) == 1 else array[r : r + 1].copy()
+                    self.cache.put(name, digest, "embeds", own)
+                    work.images[img].kept[name] = own
+        return out
 
-def _textarea(ask: Ask, text: str, score: float) -> dict[str, Any]:
-    return {
+    def _image_kv(self, work: _Work, img: int, embeds: np.ndarray) -> np.ndarray:
+        """The question encoder's keys/values of one image, kept in the cache."""
+        name, digest = self.blip.encoder_key, work.images[img].digest
+        kv = self.cache.get(name, digest, "image_kv") if digest is not None else None
+        if kv is None:
+            kv = self.blip.image_kv(embeds)
+            self._count("image_kv_computed")
+            if digest is not None:
+                self.cache.put(name, digest, "image_kv", kv)
+        return kv
+
+    # -- interactive -----------------------------------------------------------------------------
+
+    def interactive(
+        self, tasks: Sequence[dict[str, Any]], plan: Plan, context: dict[str, Any], loader: ImageLoader
+    ) -> Outcome:
+        """One reply per task to an interactive request (backend/annotate/interactive.py): the question
+        boxes' results unchanged and BLIP's answers, continued captions and ranked choices, with scores
+        and origin "prediction". Anything wrong gives the task an empty reply and a log line."""
+        entries: list[Entry] = []
+        for task in tasks:
+            try:
+                entry = self._interactive(task, plan, context, loader)
+            except Exception:
+                log.exception("task %s: interactive request failed", _task_id(task))
+                entry = None
+            entries.append(entry or self.empty_reply())
+        predicted = sum(1 for e in entries if e["result"])
+        return Outcome(entries, predicted=predicted, failed=len(entries) - predicted)
+
+    def empty_reply(self) -> dict[str, Any]:
+        """An interactive reply with nothing in it (nothing is stored for interactive requests)."""
+        return {"result": [], "score": 0.0, "model_version": self.model_version}
+
+    def _interactive(
+        self, task: dict[str, Any], plan: Plan, context: dict[str, Any], loader: ImageLoader
+    ) -> dict[str, Any] | None:
+        task_id = _task_id(task)
+        request = interactive.read(context, plan, task_id, self.asked)
+        for note in request.notes:
+            log.info("task %s: interactive: %s", task_id, note)
+        if request.questions and "answer" not in self.blip.tasks:
+            log.warning("task %s: interactive: this model only captions; questions are not answered", task_id)
+            request.questions.clear()
+        if request.empty:
+            log.info("task %s: interactive request: nothing to ask BLIP", task_id)
+            return None
+        needs: dict[str, dict[str, Blip]] = defaultdict(dict)
+        for q in request.questions:
+            needs[q.image_field][self.blip.encoder_key] = self.blip
+        for c in request.captions:
+            needs[c.ask.image_field][self.blip.captioner.encoder_key] = self.blip.captioner
+        work = _Work([task])
+        self._load_images(work, plan, loader, {f: tuple(m.values()) for f, m in needs.items()})
+        if 0 in work.failed:
+            log.warning("task %s: interactive: no answer: %s", task_id, work.failed[0])
+            return None
+        results: list[dict[str, Any]] = []
+        with self.lock:
+            for q in request.questions:
+                img = work.image_of[(0, q.image_field)]
+                embeds = _rows(self._encode(work, self.blip, {img}), [img])
+                kv = self._image_kv(work, img, embeds)
+                texts = [i for i in q.into if i.ask.type == "textarea"]
+                gen = self.blip.answer(embeds, [[q.text]], image_kv=kv)[0][0] if texts else None
+                if gen is not None and not gen.text:
+                    log.info("task %s: interactive: BLIP has no answer to %r", task_id, q.text)
+                elif gen is not None:
+                    for i in texts:
+                        kept = list(i.keep or ())
+                        results.append(_textarea(i.ask, gen.text, gen.score, kept, origin=True))
+                for i in q.into:
+                    if i.ask.type == "choices":
+                        ranked = self.blip.rank(embeds, q.text, i.ask.candidates, image_kv=kv)[0]
+                        results.append({**_choices(i.ask, ranked.scores), "origin": "prediction"})
+            captioner = self.blip.captioner
+            for c in request.captions:
+                img = work.image_of[(0, c.ask.image_field)]
+                embeds = _rows(self._encode(work, captioner, {img}), [img])
+                gen = captioner.caption(embeds, c.prompt)[0]
+                results.append(_textarea(c.ask, gen.text, gen.score, list(c.keep), origin=True))
+        for box, question in request.asked:
+            self.asked.remember(task_id, box, question)
+        if not results:
+            return None
+        score = float(np.mean([r["score"] for r in results]))
+        return {
+            "result": [*request.echo, *results],
+            "score": round(score, 4),
+            "model_version": self.model_version,
+        }
+
+
+def _rows(encoded: dict[int, tuple[np.ndarray, int]], images: Sequence[int]) -> np.ndarray:
+    """The embeddings of `images`, in that order, as one array."""
+    arrays = {id(encoded[img][0]) for img in images}
+    if len(arrays) == 1:  # one batch (as without a cache): one fancy-indexing copy
+        array = encoded[images[0]][0]
+        return array[[encoded[img][1] for img in images]]
+    return np.concatenate([encoded[img][0][encoded[img][1] : encoded[img][1] + 1] for img in images])
+
+
+def _textarea(
+    ask: Ask, text: str, score: float, keep: list[str] | None = None, origin: bool = False
+) -> dict[str, Any]:
+    result = {
         "from_name": ask.from_name,
         "to_name": ask.to_name,
         "type": "textarea",
-        "value": {"text": [text]},
+        "value": {"text": [*(keep or []), text]},
         "score": round(float(score), 4),
     }
+    if origin:  # interactive replies: what BLIP wrote, so the next request leaves it alone
+        result["origin"] = "prediction"
+    return result
 
 
 def _choices(ask: Ask, scores: dict[str, float]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from backend.annotate.cache import EmbeddingCache
 from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
 from backend.annotate.labeling import plan
@@ -54,7 +55,9 @@ class BatchWorker:
                 inference_precision=job.inference_precision,
             )
         self.job, self.name = job, name
-        self.predictor = Predictor(blip, chunk=job.batch)
+        # images shared by tasks of different batches (VQA projects: many questions, one image) are
+        # fetched and encoded once while their embeddings stay in the cache (EMBEDDING_CACHE_MB)
+        self.predictor = Predictor(blip, chunk=job.batch, cache=EmbeddingCache.from_env())
         self.model_version = self.predictor.model_version
         self.plan = plan(job.label_config, tuple(blip.tasks))
         self.loader = ImageLoader(

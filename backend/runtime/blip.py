@@ -5,6 +5,8 @@
     blip.caption(embeds)                        # ... for all of that image's asks
     blip.answer(embeds, [["what colour is the circle?"], ...])
     blip.rank(embeds, "what shape is it?", ["circle", "square"])
+    kv = blip.image_kv(embeds)                  # the question encoder's image K/V, to keep for more questions
+    blip.answer(embeds, [["how many?"]], image_kv=kv)
 
 Scores are in [0, 1]. A generated text's score is the geometric mean of the probabilities the
 model gave its tokens (end-of-text included): 0.9 means the model was, on average, 90% sure of
@@ -115,6 +117,7 @@ class Blip:
         if precision == "auto":
             precision = self.manifest.served_precision
         self.device, self.precision, self.threads = device, precision, threads
+        self.inference_precision = inference_precision
         if precision not in self.manifest.precisions:
             raise ValueError(
                 f"{model_dir} has no {precision} build (has {', '.join(self.manifest.precisions)})"
@@ -156,6 +159,13 @@ class Blip:
         """What Label Studio stores with each prediction of this build (see Manifest.model_version)."""
         own = self.manifest.model_version(self.precision)
         return own if self.captioner is self else f"{own}+{self.captioner.model_version}"
+
+    @property
+    def encoder_key(self) -> str:
+        """Names what this Blip's vision encoder makes of an image (the build, its precision and where and
+        how it runs): embeddings kept under this key are the ones `encode` would compute again."""
+        own = self.manifest.model_version(self.precision)
+        return f"{own}/{self.device}/{self.inference_precision or 'default'}"
 
     # -- the parts -------------------------------------------------------------------------------
 
@@ -222,9 +232,14 @@ class Blip:
         return results
 
     def answer(
-        self, images: Images, questions: Sequence[Sequence[str]], **generation: Any
+        self,
+        images: Images,
+        questions: Sequence[Sequence[str]],
+        image_kv: np.ndarray | None = None,
+        **generation: Any,
     ) -> list[list[Generated]]:
-        """questions[i] are asked of image i; returns the answers in the same nesting."""
+        """questions[i] are asked of image i; returns the answers in the same nesting. `image_kv`: the
+        images' keys/values from `image_kv()`, computed again when not given."""
         settings = self._settings("answer", generation)
         embeds = self.encode(images)
         if len(questions) != len(embeds):
@@ -232,7 +247,7 @@ class Blip:
         pairs = [(i, q) for i, qs in enumerate(questions) for q in qs]
         if not pairs:
             return [[] for _ in questions]
-        q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs])
+        q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs], image_kv)
         flat: list[Generated] = []
         for c in range(0, len(pairs), ANSWER_BATCH):
             chunk = slice(c, c + ANSWER_BATCH)
@@ -242,8 +257,15 @@ class Blip:
         it = iter(flat)
         return [[next(it) for _ in qs] for qs in questions]
 
-    def rank(self, images: Images, question: str, candidates: Sequence[str]) -> list[Ranked]:
-        """Per image, the candidate answer to `question` the model finds most likely, with all scores."""
+    def rank(
+        self,
+        images: Images,
+        question: str,
+        candidates: Sequence[str],
+        image_kv: np.ndarray | None = None,
+    ) -> list[Ranked]:
+        """Per image, the candidate answer to `question` the model finds most likely, with all scores.
+        `image_kv` as for `answer`."""
         if not candidates:
             raise ValueError("rank needs at least one candidate")
         embeds = self.encode(images)
@@ -258,7 +280,7 @@ class Blip:
         results: list[Ranked] = []
         for i in range(0, len(embeds), per_chunk):
             idx = list(range(i, min(i + per_chunk, len(embeds))))
-            q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx))
+            q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx), image_kv)
             kv = self._cross_kv(q_embeds)
             rows = np.repeat(np.arange(len(idx)), n_cand)
             past = np.zeros(self._past_shape(len(rows)), dtype=np.float32)
@@ -281,19 +303,38 @@ class Blip:
                 results.append(Ranked(candidates[best], float(p[best]), dict(zip(candidates, p.tolist()))))
         return results
 
+    def image_kv(self, images: Images) -> np.ndarray:
+        """The question encoder's cross-attention keys/values of these images, [L, 2, N, H, S, D]: what
+        every question about an image starts from. Keep them (and the embeddings) to answer more
+        questions about the same images without running the vision encoder or this part again
+        (42 MB per image on a full-size model)."""
+        if "answer" not in self.tasks:
+            raise ValueError("this model only captions (its checkpoint has no question encoder)")
+        return self._run("text_encoder_kv", {"encoder_states": self.encode(images)})
+
     # -- helpers ---------------------------------------------------------------------------------
 
     def _questions(
-        self, embeds: np.ndarray, image_index: Sequence[int], questions: Sequence[str]
+        self,
+        embeds: np.ndarray,
+        image_index: Sequence[int],
+        questions: Sequence[str],
+        image_kv: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Question i about image image_index[i] -> (question embeddings [B, Q, E], mask [B, Q]).
 
         The question encoder's keys and values of an image are computed once for all its questions,
-        KV_IMAGES images at a time.
+        KV_IMAGES images at a time, or taken from `image_kv` (all the images' K/V, image axis 2).
         """
         if "answer" not in self.tasks:
             raise ValueError("this model only captions (its checkpoint has no question encoder)")
         ids, mask = self.text_codec.encode(questions)  # one width for all, so the chunks concatenate
+        if image_kv is not None:
+            if image_kv.shape[2] != len(embeds):
+                raise ValueError(f"image_kv holds {image_kv.shape[2]} images' keys/values, not {len(embeds)}")
+            rows = np.asarray(image_index, dtype=np.int64)
+            inputs = {"input_ids": ids, "attention_mask": mask, "image_kv": image_kv, "image_index": rows}
+            return self._run("text_encoder", inputs), mask
         chunks, start = [], 0
         while start < len(questions):
             images: dict[int, int] = {}  # image -> its row in this chunk's image_kv

@@ -21,6 +21,10 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from backend.annotate import interactive
+from backend.annotate.cache import DEFAULT_MB as EMBEDDING_CACHE_MB
+from backend.annotate.cache import ENV as EMBEDDING_CACHE
+from backend.annotate.cache import EmbeddingCache
 from backend.annotate.fetch import ENV as ALLOWED_IMAGE_HOSTS
 from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
@@ -52,6 +56,7 @@ class Settings:
     basic_auth_pass: str | None = None
     allowed_image_hosts: str = ""  # ALLOWED_IMAGE_HOSTS: host names, IPs and CIDRs, comma-separated
     max_request_mb: int = MAX_REQUEST_MB
+    embedding_cache_mb: int = EMBEDDING_CACHE_MB  # EMBEDDING_CACHE_MB: kept image embeddings (0: none)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -68,6 +73,7 @@ class Settings:
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
             allowed_image_hosts=env(ALLOWED_IMAGE_HOSTS) or "",
             max_request_mb=_positive_int("MAX_REQUEST_MB") or MAX_REQUEST_MB,
+            embedding_cache_mb=_whole(EMBEDDING_CACHE, EMBEDDING_CACHE_MB),
         )
 
 
@@ -77,6 +83,15 @@ def _positive_int(name: str) -> int | None:
         return None
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _whole(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name} must be a whole number (0 or more), got {value!r}")
     return int(value)
 
 
@@ -135,7 +150,9 @@ def create_app(
             blip.device,
             time.perf_counter() - t0,
         )
-    predictor = Predictor(blip)
+    # image embeddings (and, for interactive questions, the question encoder's image K/V) kept across
+    # requests: a follow-up question about a task runs neither the download nor the vision encoder
+    predictor = Predictor(blip, cache=EmbeddingCache(settings.embedding_cache_mb << 20))
     metrics = Metrics()
     # /setup's hostname and access token: used when LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are unset
     from_setup: dict[str, str | None] = {"hostname": None, "access_token": None}
@@ -228,6 +245,11 @@ def create_app(
         config = body.get("label_config") or schemas.get(str(body.get("project")))
         if not tasks:
             return jsonify({"results": []})
+        params = body.get("params")
+        asked = interactive.is_interactive(params)
+        # a task without a prediction: `[]` for a retrieval (Label Studio stores nothing and tries it again
+        # next time); an empty reply for an interactive request (nothing to show)
+        nothing = predictor.empty_reply() if asked else []
         try:
             if not config:
                 raise ConfigError("the request has no label_config")
@@ -235,14 +257,25 @@ def create_app(
         except ConfigError as e:
             log.warning("%d task(s) get no prediction: %s", len(tasks), e)
             _count(metrics, t0, 0, len(tasks))
-            return jsonify({"results": [[] for _ in tasks]})
+            return jsonify({"results": [nothing for _ in tasks]})
         try:
+            if asked:
+                # an annotator waiting in the labeling screen: what they typed -> BLIP's answers
+                outcome = predictor.interactive(tasks, asks, params["context"], loader())
+                _count(metrics, t0, outcome.predicted, outcome.failed)
+                log.info(
+                    "interactive: %d of %d task(s) answered in %.3f s",
+                    outcome.predicted,
+                    len(tasks),
+                    time.perf_counter() - t0,
+                )
+                return jsonify({"results": outcome.entries, "model_version": predictor.model_version})
             outcome = predictor.predict(tasks, asks, loader())
         except Exception:
             # still one entry per task, or Label Studio drops or retries the whole batch
             log.exception("%d task(s) get no prediction: unexpected error", len(tasks))
             _count(metrics, t0, 0, len(tasks))
-            return jsonify({"results": [[] for _ in tasks]})
+            return jsonify({"results": [nothing for _ in tasks]})
         _count(metrics, t0, outcome.predicted, outcome.failed)
         log.info(
             "predicted %d of %d task(s) in %.2f s", outcome.predicted, len(tasks), time.perf_counter() - t0
@@ -259,7 +292,14 @@ def create_app(
 
     @app.get("/metrics")
     def get_metrics() -> Response:
-        return jsonify({**metrics.snapshot(), "model_version": predictor.model_version})
+        return jsonify(
+            {
+                **metrics.snapshot(),
+                **predictor.counts,
+                "embedding_cache": predictor.cache.snapshot(),
+                "model_version": predictor.model_version,
+            }
+        )
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(e: RequestEntityTooLarge) -> tuple[Response, int]:
@@ -296,6 +336,9 @@ def _describe(project: str, schema: str, tasks: list[str]) -> None:
     except ConfigError as e:
         log.warning("project %s: %s", project, e)
         return
-    predicted = ", ".join(f"{a.from_name} ({a.kind})" for a in asks.asks) or "nothing"
+    predicted = ", ".join(
+        f"{a.from_name} ({a.kind}{f' of #{a.question_box}' if a.question_box else ''})" for a in asks.asks
+    )
+    boxes = f"; question boxes (interactive): {', '.join(asks.boxes)}" if asks.boxes else ""
     skipped = f"; not predicted: {'; '.join(asks.skipped)}" if asks.skipped else ""
-    log.info("project %s: predicting %s%s", project, predicted, skipped)
+    log.info("project %s: predicting %s%s%s", project, predicted or "nothing", boxes, skipped)

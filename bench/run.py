@@ -237,17 +237,18 @@ def backend_throughput(
                 time.sleep(0.5)
         else:
             raise RuntimeError(f"the backend did not start: {' '.join(cmd)}")
-        # a different image per task: the backend fetches and encodes each distinct image once
-        body = {
-            "tasks": [
-                {"id": i, "data": {"image": data_uri(random_image(side, seed=i))}} for i in range(n_tasks)
-            ],
-            "label_config": TASK_CONFIG,
-            "project": "1.0",
-        }
+
+        # a different image per task, and new images for every request: the backend keeps recent images'
+        # embeddings (EMBEDDING_CACHE_MB), and a repeated request would measure its cache
+        def body(k: int) -> dict:
+            images = [data_uri(random_image(side, seed=k * n_tasks + i)) for i in range(n_tasks)]
+            tasks = [{"id": i, "data": {"image": image}} for i, image in enumerate(images)]
+            return {"tasks": tasks, "label_config": TASK_CONFIG, "project": "1.0"}
+
+        bodies = iter([body(k) for k in range(repeats + 1)])  # the warm-up's, then one per repeat
 
         def predict():
-            r = requests.post(f"{url}/predict", json=body, timeout=600)
+            r = requests.post(f"{url}/predict", json=next(bodies), timeout=600)
             r.raise_for_status()
             results = r.json()["results"]
             assert len(results) == n_tasks and all(len(x["result"]) == 4 for x in results), results[:1]

@@ -17,12 +17,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 
 USER, PASSWORD = "admin@example.com", "admin-pass-123"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -128,3 +131,40 @@ def upload(label_studio, project_id: int, files: dict[str, bytes]) -> None:
         timeout=60,
     )
     assert response.status_code == 201, response.text
+
+
+def serve_backend(tiny_dir: Path, log: Path, **env_vars: str):
+    """Start `blip-backend serve` (gunicorn) on 127.0.0.1; returns (process, URL)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(tiny_dir),
+        "WORKERS": "1",
+        "THREADS": "2",
+        "LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **env_vars,
+    }
+    cmd = [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_backend(proc: subprocess.Popen, log: Path) -> None:
+    stop(proc)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+@contextmanager
+def served_backend(tiny_dir: Path, log: Path, **env_vars: str) -> Iterator[str]:
+    """`blip-backend serve` on 127.0.0.1 until the block ends; yields its URL once /health answers."""
+    proc, url = serve_backend(tiny_dir, log, **env_vars)
+    try:
+        wait_for(f"{url}/health", proc, log, 120)
+        yield url
+    finally:
+        stop_backend(proc, log)

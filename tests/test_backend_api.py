@@ -14,6 +14,7 @@ import time
 import pytest
 from fake_files import FileServer, bomb_png
 from label_studio_server import data_uri
+from scenes import fully_right
 from templates import CAPTIONING, vqa
 
 from backend.annotate.labeling import DEFAULT_THRESHOLD
@@ -45,18 +46,7 @@ FIXED = f"""<View>
 def scenes(blip):
     """Held-out scenes the model gets entirely right (caption, every answer, every ranked answer)."""
     pool = make_scenes(60, HELD_OUT_SEED)
-    images = [s.image for s in pool]
-    captions = blip.caption(images)
-    answers = blip.answer(images, [[qa.question for qa in s.qa] for s in pool])
-    good = []
-    for i, scene in enumerate(pool):
-        ranked = [blip.rank([scene.image], qa.question, qa.candidates)[0].text for qa in scene.qa]
-        if (
-            captions[i].text == scene.caption
-            and all(a.text == qa.answer for a, qa in zip(answers[i], scene.qa))
-            and all(r == qa.answer for r, qa in zip(ranked, scene.qa))
-        ):
-            good.append(scene)
+    good = fully_right(blip, pool)
     # ~10 exact checks per scene: a model at the 95% target still gets most scenes entirely right
     assert len(good) >= len(pool) // 2, f"only {len(good)} of {len(pool)} held-out scenes fully right"
     return good

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from label_studio_server import PASSWORD, USER, data_uri, png, upload, wait_for
+from label_studio_server import PASSWORD, USER, data_uri, png, served_backend, upload
+from scenes import fully_right
 from templates import CAPTIONING, vqa
 
 from model_build.tiny_blip.synthetic import COLOURS, HELD_OUT_SEED, make_scenes
@@ -90,16 +91,11 @@ def chromium():
 
 @pytest.fixture(scope="module")
 def served(label_studio, tiny_dir, tmp_path_factory):
-    from test_e2e_label_studio import serve_backend, stop_backend
-
+    """The backend under gunicorn, downloading uploads from the test Label Studio."""
     ls_url, token = label_studio
     log = tmp_path_factory.mktemp("browser-backend") / "backend.log"
-    proc, url = serve_backend(tiny_dir, log, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token)
-    try:
-        wait_for(f"{url}/health", proc, log, 120)
+    with served_backend(tiny_dir, log, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token) as url:
         yield url
-    finally:
-        stop_backend(proc, log)
 
 
 @pytest.fixture
@@ -121,15 +117,8 @@ def page(chromium, label_studio):
 
 @pytest.fixture(scope="module")
 def scenes(blip):
-    """Held-out scenes the model captions and answers right (as in the other end-to-end tests)."""
-    pool = make_scenes(20, HELD_OUT_SEED)
-    captions = blip.caption([s.image for s in pool])
-    answers = blip.answer([s.image for s in pool], [[qa.question for qa in s.qa] for s in pool])
-    good = [
-        s
-        for s, c, a in zip(pool, captions, answers)
-        if c.text == s.caption and all(x.text == qa.answer for x, qa in zip(a, s.qa))
-    ]
+    """Held-out scenes the model gets entirely right (as in the other end-to-end tests)."""
+    good = fully_right(blip, make_scenes(30, HELD_OUT_SEED))
     assert len(good) >= 4
     return good
 

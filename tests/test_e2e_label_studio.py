@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
-from label_studio_server import PASSWORD, USER, free_port, png, stop, upload, wait_for
+from label_studio_server import PASSWORD, USER, png, serve_backend, stop_backend, upload, wait_for
+from scenes import fully_right
 from templates import CAPTIONING, vqa
 
 from model_build.tiny_blip.synthetic import COUNTS, HELD_OUT_SEED, make_scenes
 
-REPO = Path(__file__).resolve().parents[1]
 BACKEND_USER, BACKEND_PASS = "ls-backend", "backend-pass-456"
 HOW_MANY = "how many objects are there?"
 
@@ -36,32 +32,6 @@ FIXED = f"""<View>
     <Choice value="one"/><Choice value="two"/><Choice value="three" alias="3"/>
   </Choices>
 </View>"""
-
-
-def serve_backend(tiny_dir: Path, log: Path, **env_vars: str):
-    """Start `blip-backend serve` (gunicorn) on 127.0.0.1; returns (process, URL)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_DIR": str(tiny_dir),
-        "WORKERS": "1",
-        "THREADS": "2",
-        "LOG_LEVEL": "INFO",
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        **env_vars,
-    }
-    cmd = [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop_backend(proc: subprocess.Popen, log: Path) -> None:
-    stop(proc)
-    text = log.read_text()
-    assert "Traceback" not in text, text[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -140,17 +110,8 @@ def scenes(health, tiny_dir):
     """Held-out scenes the served model (same precision) gets entirely right, as in test_backend_api."""
     from backend.runtime.blip import Blip
 
-    blip = Blip(tiny_dir, precision=health["precision"])
     pool = make_scenes(60, HELD_OUT_SEED)
-    captions = blip.caption([s.image for s in pool])
-    answers = blip.answer([s.image for s in pool], [[qa.question for qa in s.qa] for s in pool])
-    good = [
-        s
-        for s, c, a in zip(pool, captions, answers)
-        if c.text == s.caption
-        and all(x.text == qa.answer for x, qa in zip(a, s.qa))
-        and all(blip.rank([s.image], qa.question, qa.candidates)[0].text == qa.answer for qa in s.qa)
-    ]
+    good = fully_right(Blip(tiny_dir, precision=health["precision"]), pool)
     assert len(good) >= 12, f"only {len(good)} of {len(pool)} held-out scenes fully right"
     return good
 

@@ -583,8 +583,7 @@ def test_a_bad_allow_list_stops_the_start(blip):
 
 
 def test_predict_under_gunicorn_refuses_and_allows_the_same(tiny_dir, ls_files, other, scene, tmp_path):
-    from label_studio_server import wait_for
-    from test_e2e_label_studio import serve_backend, stop_backend
+    from label_studio_server import serve_backend, stop_backend, wait_for
 
     scene_png, caption = scene
     refused, allowed = refused_and_allowed(ls_files, other, scene_png)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 from fake_files import FileServer
-from label_studio_server import data_uri, png, upload, wait_for
+from label_studio_server import data_uri, png, served_backend, upload
+from scenes import fully_right
 from templates import CAPTIONING, vqa
 
 from backend.annotate.cache import EmbeddingCache
@@ -48,16 +49,7 @@ ASKING = f"""<View>
 @pytest.fixture(scope="module")
 def scenes(blip):
     """Held-out scenes the model gets entirely right (caption, answers, ranked answers)."""
-    pool = make_scenes(30, HELD_OUT_SEED)
-    captions = blip.caption([s.image for s in pool])
-    answers = blip.answer([s.image for s in pool], [[qa.question for qa in s.qa] for s in pool])
-    good = [
-        s
-        for s, c, a in zip(pool, captions, answers)
-        if c.text == s.caption
-        and all(x.text == qa.answer for x, qa in zip(a, s.qa))
-        and all(blip.rank([s.image], qa.question, qa.candidates)[0].text == qa.answer for qa in s.qa)
-    ]
+    good = fully_right(blip, make_scenes(30, HELD_OUT_SEED))
     assert len(good) >= 8
     return good
 
@@ -420,16 +412,10 @@ def test_embedding_cache_mb_from_the_environment(monkeypatch, blip, scenes, coun
 @pytest.fixture(scope="module")
 def served(label_studio, tiny_dir, tmp_path_factory):
     """The backend under gunicorn, downloading uploads from the test Label Studio."""
-    from test_e2e_label_studio import serve_backend, stop_backend
-
     ls_url, token = label_studio
     log = tmp_path_factory.mktemp("interactive") / "backend.log"
-    proc, url = serve_backend(tiny_dir, log, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token)
-    try:
-        wait_for(f"{url}/health", proc, log, 120)
+    with served_backend(tiny_dir, log, LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=token) as url:
         yield url
-    finally:
-        stop_backend(proc, log)
 
 
 def interactive_project(ls, label_studio, backend: str, title: str, config: str, images: dict[str, bytes]):

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from label_studio_server import data_uri, wait_for
+from label_studio_server import data_uri, serve_backend, stop_backend, wait_for
 from recording_server import Recorder
-from test_e2e_label_studio import serve_backend, stop_backend
 
 from backend.annotate.labeling import MAX_CONFIG_CHARS, MAX_QUESTION_CHARS, MAX_QUESTIONS, ConfigError, plan
 from backend.server.app import MAX_REQUEST_MB, Settings, create_app

@@ -46,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+from PIL.PngImagePlugin import PngInfo
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: bench/ is sys.path[0], the project is not
@@ -131,11 +132,16 @@ class Files:
         self._server.server_close()
 
 
-def png(image, size: int | None = None, compress: int = 6) -> bytes:
+def png(image, size: int | None = None, compress: int = 6, tag: str | None = None) -> bytes:
+    """`tag` goes into a text chunk: other bytes, the same pixels."""
     if size:
         image = image.resize((size, size))
+    info = None
+    if tag is not None:
+        info = PngInfo()
+        info.add_text("task", tag)
     buf = io.BytesIO()
-    image.save(buf, "PNG", compress_level=compress)
+    image.save(buf, "PNG", compress_level=compress, pnginfo=info)
     return buf.getvalue()
 
 
@@ -289,8 +295,6 @@ class Tasks:
     def __init__(self, files: Files, scenes: int) -> None:
         self.files = files
         self.scenes = make_scenes(scenes, HELD_OUT_SEED)
-        for k, scene in enumerate(self.scenes):
-            files.files[f"/scene/{k}.png"] = png(scene.image)
         self.next_id = 0
         self.truth: dict[int, tuple[str, str]] = {}  # task id -> (caption, count)
 
@@ -302,8 +306,10 @@ class Tasks:
             scene = self.scenes[k]
             count = next(qa for qa in scene.qa if qa.kind == "count")
             self.truth[task_id] = (scene.caption, count.answer)
-            # one URL per task: the backend downloads and encodes every task's image
-            url = f"{self.files.base}/scene/{k}.png?task={task_id}"
+            # one file per task, its bytes its own (the backend keeps embeddings by the image's digest):
+            # the backend downloads and encodes every task's image
+            self.files.files[f"/task/{task_id}.png"] = png(scene.image, tag=str(task_id))
+            url = f"{self.files.base}/task/{task_id}.png"
             tasks.append({"id": task_id, "data": {"image": url, "count_q": count.question}})
         return tasks
 

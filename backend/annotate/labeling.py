@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from label_studio_sdk.label_interface import LabelInterface
 from lxml import etree
 
 log = logging.getLogger(__name__)
@@ -101,25 +100,18 @@ class ConfigError(ValueError):
 @lru_cache(maxsize=64)
 def plan(label_config: str, tasks: tuple[str, ...] = ("caption", "answer")) -> Plan:
     """The asks of `label_config` that a model able to do `tasks` can fill in (cached per config)."""
-    check_xml(label_config)
-    try:
-        interface = LabelInterface(label_config)
-    except Exception as e:  # the SDK raises whatever the XML parser or its validators raise
-        raise ConfigError(f"cannot parse the labeling config: {type(e).__name__}: {e}") from None
-    images = [o for o in interface.objects if o.tag == "Image"]
-    textareas = {c.name for c in interface.controls if c.tag == "TextArea"}
+    config = Config.parse(label_config)
+    images = [o for o in config.objects if o.tag == "Image"]
+    textareas = {c.name for c in config.controls if c.tag == "TextArea"}
     # question boxes: TextAreas another control takes its question from (question="#name")
-    boxes = {
-        ref[1:].strip()
-        for c in interface.controls
-        if isinstance(ref := c.attr.get("question"), str) and ref.strip().startswith("#")
-    } & textareas
+    refs = (c.attr.get("question", "").strip() for c in config.controls)
+    boxes = {ref[1:].strip() for ref in refs if ref.startswith("#")} & textareas
     asks, skipped, dropped = [], [], []
-    for control in interface.controls:
+    for control in config.controls:
         if control.name in boxes:
             continue  # typed into while labeling, not predicted
         try:
-            ask = _ask(control, interface, images, tasks, textareas)
+            ask = _ask(control, config, images, tasks, textareas)
         except _Skip as why:
             skipped.append(f"{control.tag} {control.name!r}: {why}")
             continue
@@ -139,29 +131,80 @@ def plan(label_config: str, tasks: tuple[str, ...] = ("caption", "answer")) -> P
     return Plan(tuple(asks), tuple(skipped), tuple(sorted(b for b in boxes if b in used)))
 
 
-def check_xml(label_config: str) -> None:
-    """Refuses, before label-studio-sdk parses it with lxml's defaults, a config that is too long or
-    declares a DTD (Label Studio's configs have none; a DTD is how entity bombs and external entities
-    get in)."""
-    if not isinstance(label_config, str):
-        raise ConfigError(f"the labeling config is a {type(label_config).__name__}, not XML text")
-    if len(label_config) > MAX_CONFIG_CHARS:
-        raise ConfigError(
-            f"the labeling config is {len(label_config)} characters long, "
-            f"more than the {MAX_CONFIG_CHARS} allowed"
-        )
-    # refused before any parsing, so neither the cost nor the message depends on the libxml2 version
-    if "<!DOCTYPE" in label_config.upper():
-        raise ConfigError(_NO_DTD)
-    # no entity expansion, no DTD loading, no network, no huge-tree mode (a parser per call: lxml's
-    # parsers are not to be shared between threads)
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
-    try:
-        root = etree.fromstring(label_config.encode(), parser)
-    except etree.XMLSyntaxError as e:
-        raise ConfigError(f"cannot parse the labeling config: {e}") from None
-    if root.getroottree().docinfo.doctype:
-        raise ConfigError(_NO_DTD)
+@dataclass(frozen=True)
+class Tag:
+    """A tag of a labeling config that names something: an object (`value="$field"`: Image, Text, ...) or
+    a control (`toName`: TextArea, Choices, ...), classified as Label Studio does."""
+
+    tag: str
+    name: str
+    attr: dict[str, str]
+    to_name: tuple[str, ...] = ()  # controls: the objects they label
+    # Choices: (what a result stores: the Choice's alias, else its value; the Choice's attributes)
+    choices: tuple[tuple[str, dict[str, str]], ...] = ()
+
+    @property
+    def value(self) -> str | None:
+        return self.attr.get("value")
+
+
+@dataclass(frozen=True)
+class Config:
+    objects: tuple[Tag, ...]
+    controls: tuple[Tag, ...]
+
+    def object(self, name: str) -> Tag | None:
+        return next((o for o in self.objects if o.name == name), None)
+
+    @classmethod
+    def parse(cls, label_config: str) -> Config:
+        """The config's objects and controls. Refuses a config that is too long, declares a DTD (Label
+        Studio's configs have none; a DTD is how entity bombs and external entities get in) or is not XML.
+        """
+        if not isinstance(label_config, str):
+            raise ConfigError(f"the labeling config is a {type(label_config).__name__}, not XML text")
+        if len(label_config) > MAX_CONFIG_CHARS:
+            raise ConfigError(
+                f"the labeling config is {len(label_config)} characters long, "
+                f"more than the {MAX_CONFIG_CHARS} allowed"
+            )
+        # refused before any parsing, so neither the cost nor the message depends on the libxml2 version
+        if "<!DOCTYPE" in label_config.upper():
+            raise ConfigError(_NO_DTD)
+        # no entity expansion, no DTD loading, no network, no huge-tree mode (a parser per call: lxml's
+        # parsers are not to be shared between threads)
+        parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+        try:
+            root = etree.fromstring(label_config.encode(), parser)
+        except etree.XMLSyntaxError as e:
+            raise ConfigError(f"cannot parse the labeling config: {e}") from None
+        if root.getroottree().docinfo.doctype:
+            raise ConfigError(_NO_DTD)
+        objects, controls = [], []
+        for el in root.iter(tag=etree.Element):  # elements only: no comments or processing instructions
+            attr = dict(el.attrib)
+            name = attr.get("name")
+            if not name:
+                continue
+            if attr.get("toName") and el.tag != "Filter":  # Label Studio's rule: a Filter is not a control
+                choices: dict[str, dict[str, str]] = {}  # one per label, as Label Studio keeps them
+                for c in el.iter("Choice"):
+                    label = c.get("alias") or c.get("value")
+                    if label is not None and _owner(c) is el:
+                        choices.setdefault(label, dict(c.attrib))
+                to_name = tuple(n.strip() for n in attr["toName"].split(","))
+                controls.append(Tag(el.tag, name, attr, to_name, tuple(choices.items())))
+            elif attr.get("value") or attr.get("valueList"):
+                objects.append(Tag(el.tag, name, attr))
+        return cls(tuple(objects), tuple(controls))
+
+
+def _owner(choice: etree._Element) -> etree._Element | None:
+    """The control a Choice belongs to: its closest ancestor that is a control (Choices may nest Views)."""
+    parent = choice.getparent()
+    while parent is not None and not (parent.get("name") and parent.get("toName")):
+        parent = parent.getparent()
+    return parent
 
 
 _NO_DTD = "the labeling config has a <!DOCTYPE> (entity declarations); labeling configs need none"
@@ -171,10 +214,8 @@ class _Skip(Exception):
     pass
 
 
-def _ask(
-    control: Any, interface: LabelInterface, images: list, tasks: tuple[str, ...], textareas: set[str]
-) -> Ask:
-    attr = {k: v for k, v in control.attr.items() if isinstance(v, str)}
+def _ask(control: Tag, config: Config, images: list[Tag], tasks: tuple[str, ...], textareas: set[str]) -> Ask:
+    attr = control.attr
     if attr.get("predict", "true").strip().lower() in ("false", "no", "0", "off"):
         raise _Skip('opted out with predict="false"')
     if control.tag not in SUPPORTED:
@@ -182,7 +223,7 @@ def _ask(
     if not control.to_name:
         raise _Skip("no toName")
     to_name = control.to_name[0]
-    target = interface.get_object(to_name) if to_name in {o.name for o in interface.objects} else None
+    target = config.object(to_name)
     if target is None:
         raise _Skip(f"toName {to_name!r} is not an object tag of this config")
     if attr.get("perRegion", "").lower() == "true":
@@ -245,8 +286,8 @@ def _ask(
     if attr.get("value", "").startswith("$"):
         raise _Skip("choices taken from task data (value=$...) are not supported")
     candidates, labels = [], []
-    for label, choice in control.labels_attrs.items():
-        value = (choice.attr.get("value") or label or "").strip()
+    for label, choice in control.choices:
+        value = (choice.get("value") or label or "").strip()
         if value:
             candidates.append(value)
             labels.append(label)

@@ -6,6 +6,6 @@
     prelabel/   `blip-backend prelabel`: a whole project through Label Studio's API, resumable, Ray optional
     __main__    the `blip-backend` command (ask, serve, prelabel)
 
-Imports point one way: runtime <- annotate <- {server, prelabel} <- __main__; model_build and bench use
-runtime (and annotate, for calibration data); tests/test_layers.py enforces it.
+Imports point one way: runtime <- annotate <- {server, prelabel} <- __main__; model_build uses
+runtime (and annotate, for calibration data), bench anything but prelabel; tests/test_layers.py enforces it.
 """

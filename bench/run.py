@@ -28,8 +28,6 @@ samples). Results are printed and written to --out as JSON, with the machine (CP
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import platform
@@ -42,13 +40,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import requests
 import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from workload import ASK_CONFIG, QUESTIONS, TASK_CONFIG, data_uri, random_image  # noqa: E402
+
 from backend.runtime.blip import Blip  # noqa: E402
 from model_build.calibration import synthetic  # noqa: E402
 from model_build.export import build  # noqa: E402
@@ -56,23 +55,9 @@ from model_build.quantize import QuantSettings  # noqa: E402
 from model_build.reference import caption_ids  # noqa: E402
 from model_build.report import median_ms  # noqa: E402
 
-QUESTIONS = ("what is in the picture?", "how many people are there?", "is it raining?")
 CAPTION_TOKENS, ANSWER_TOKENS = 20, 10
 CONTENDERS = ("pytorch", "notebook", "notebook_style", "fp16", "int8")
 WORKLOADS = ("vision", "caption", "question", "task")
-TASK_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <TextArea name="caption" toName="image"/>
-  <TextArea name="q1" toName="image" question="{}"/>
-  <TextArea name="q2" toName="image" question="{}"/>
-  <TextArea name="q3" toName="image" question="{}"/>
-</View>""".format(*QUESTIONS)
-# interactive mode: the annotator types a question into `ask`, BLIP answers into `answer`
-ASK_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <TextArea name="ask" toName="image"/>
-  <TextArea name="answer" toName="image" question="#ask"/>
-</View>"""
 
 
 def side_by_side(contenders: dict[str, dict[str, Callable[[], object]]], repeats: int) -> dict:
@@ -181,16 +166,6 @@ def project_workloads(blip: Blip, image: Image.Image) -> dict[str, Callable[[], 
 
 
 # -- the real backend ------------------------------------------------------------------------------
-
-
-def random_image(side: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
-def data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def free_port() -> int:

@@ -94,3 +94,18 @@ def test_bench_smoke_run_reports_every_contender_and_workload(tmp_path: Path, he
     right = sum(pipeline.caption(s.image, stop=True) == s.caption for s in scenes)
     right += sum(pipeline.answer(s.image, s.qa[0].question, stop=True) == s.qa[0].answer for s in scenes)
     assert right >= 18, right
+
+
+def test_memory_breakdown_measures_each_step_of_a_worker(tmp_path: Path, tiny_dir):
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, str(REPO / "bench" / "memory.py"), str(tiny_dir), "--tasks", "3"]
+    cmd += ["--requests", "2"]
+    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {row["step"]: row for row in json.loads(out.read_text())["rows"]}
+    parts = ("vision", "text_encoder_kv", "text_encoder", "cross_kv", "decoder")
+    assert all(f"compile {part}" in rows for part in parts)
+    assert "/predict 2: 3 tasks" in rows and "peak over the run" in run.stdout
+    for row in rows.values():
+        assert row["VmHWM"] >= row["VmRSS"] > 0 and row["RssAnon"] + row["RssFile"] <= row["VmRSS"] + 1
+    assert rows["/predict 2: 3 tasks"]["VmRSS"] > rows["python"]["VmRSS"] + 50  # the model is in there

@@ -54,6 +54,7 @@ class BatchWorker:
                 threads=job.threads,
                 inference_precision=job.inference_precision,
             )
+            blip.warm_up()  # one copy of the weights in memory, not two (backend/runtime/memory.py)
         self.job, self.name = job, name
         # images shared by tasks of different batches (VQA projects: many questions, one image) are
         # fetched and encoded once while their embeddings stay in the cache (EMBEDDING_CACHE_MB)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from backend.runtime.generate import Settings, beam_search, greedy, log_softmax
 from backend.runtime.manifest import Manifest, load_manifest
+from backend.runtime.memory import release_mapped_files, return_freed_memory
 from backend.runtime.preprocess import TextCodec, pixel_values
 
 Images = Sequence[Image.Image] | np.ndarray  # PIL images, or image embeddings from `Blip.encode`
@@ -106,6 +107,7 @@ class Blip:
         inference_precision: str | None = None,
         cache_dir: str | Path | None = None,
     ) -> None:
+        return_freed_memory()  # the arrays a call frees go back to the system (backend/runtime/memory.py)
         self.manifest: Manifest = load_manifest(model_dir)
         # captions come from the paired captioning checkpoint when the directory has one (its own vision
         # encoder and gate), from this checkpoint's decoder otherwise
@@ -166,6 +168,34 @@ class Blip:
         how it runs): embeddings kept under this key are the ones `encode` would compute again."""
         own = self.manifest.model_version(self.precision)
         return f"{own}/{self.device}/{self.inference_precision or 'default'}"
+
+    def warm_up(self) -> int:
+        """Runs every part once on a blank image and gives back the pages of the weight files, which
+        OpenVINO no longer reads once a part has run (backend/runtime/memory.py); returns the bytes of
+        the weight files released. A server calls it after loading: the first request no longer pays for
+        the parts' first inference, and RSS no longer holds the weights twice."""
+        blips = [self] if self.captioner is self else [self, self.captioner]
+        files = [
+            blip.manifest.model_dir / file["path"]
+            for blip in blips
+            for part in blip._parts
+            for file in blip.manifest.data["parts"][blip.precision][part]["files"]
+            if file["path"].endswith(".bin")
+        ]
+        steps: list[Any] = []
+        for blip in blips:
+            size = blip.image_settings["width"], blip.image_settings["height"]
+            embeds = blip.encode([Image.new("RGB", size)])
+            if blip.captioner is blip and "caption" in blip.tasks:
+                steps.append(lambda b=blip, e=embeds: b.caption(e, max_new_tokens=2))
+            if "answer" in blip.tasks:
+                steps.append(lambda b=blip, e=embeds: b.answer(e, [["what is it?"]], max_new_tokens=2))
+                steps.append(lambda b=blip, e=embeds: b.rank(e, "what is it?", ["yes", "no"]))
+        released = release_mapped_files(files)
+        for step in steps:  # released after each part's first run: the weights are never all held twice
+            step()
+            released = release_mapped_files(files)
+        return released
 
     # -- the parts -------------------------------------------------------------------------------
 

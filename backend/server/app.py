@@ -123,13 +123,19 @@ class Metrics:
 def load_blip(settings: Settings) -> Blip:
     if not settings.model_dir:
         raise RuntimeError("MODEL_DIR is not set: point it at a model directory built by `blip-build`")
-    return Blip(
+    blip = Blip(
         Path(settings.model_dir),
         device=settings.device,
         precision=settings.precision or "auto",  # auto: INT8 only if the build's agreement gate passed
         threads=settings.threads,
         inference_precision=settings.inference_precision,
     )
+    t0 = time.perf_counter()
+    released = blip.warm_up()
+    log.info(
+        "warmed up in %.1f s; gave back %d MiB of weight-file pages", time.perf_counter() - t0, released >> 20
+    )
+    return blip
 
 
 def create_app(

@@ -41,9 +41,11 @@ Images = Sequence[Image.Image] | np.ndarray  # PIL images, or image embeddings f
 VISION_BATCH = 2
 CAPTION_BATCH = 4
 ANSWER_BATCH = 16
-# Images per question-encoder call: their keys/values take 42 MB each on a full-size model. 48
-# questions about 16 images: 1.7 s at 2 or 4 images per call, peaking at 1.6 and 1.8 GB.
-KV_IMAGES = 2
+# Images per question-encoder call: their keys/values take 42 MB each on a full-size model, and OpenVINO
+# keeps its output buffer at the largest size it has produced. 16 tasks (caption + 3 questions): one
+# image per call peaked 90 MiB lower than two (1159 vs 1251 MiB) at the same speed (median of 9 runs
+# 8.5 vs 8.9 s); four per call had peaked 200 MB higher than two.
+KV_IMAGES = 1
 RANK_ELEMENTS = 16 << 20  # logits floats per ranking chunk
 
 

@@ -178,26 +178,22 @@ class Blip:
         the parts' first inference, and RSS no longer holds the weights twice."""
         blips = [self] if self.captioner is self else [self, self.captioner]
         files = [
-            blip.manifest.model_dir / file["path"]
+            blip.manifest.part_xml(blip.precision, part).with_suffix(".bin")
             for blip in blips
             for part in blip._parts
-            for file in blip.manifest.data["parts"][blip.precision][part]["files"]
-            if file["path"].endswith(".bin")
         ]
-        steps: list[Any] = []
-        for blip in blips:
+        for blip in blips:  # each part's pages go once it has run: the weights are never all held twice
             size = blip.image_settings["width"], blip.image_settings["height"]
             embeds = blip.encode([Image.new("RGB", size)])
+            release_mapped_files(files)
             if blip.captioner is blip and "caption" in blip.tasks:
-                steps.append(lambda b=blip, e=embeds: b.caption(e, max_new_tokens=2))
+                blip.caption(embeds, max_new_tokens=2)
+                release_mapped_files(files)
             if "answer" in blip.tasks:
-                steps.append(lambda b=blip, e=embeds: b.answer(e, [["what is it?"]], max_new_tokens=2))
-                steps.append(lambda b=blip, e=embeds: b.rank(e, "what is it?", ["yes", "no"]))
-        released = release_mapped_files(files)
-        for step in steps:  # released after each part's first run: the weights are never all held twice
-            step()
-            released = release_mapped_files(files)
-        return released
+                blip.answer(embeds, [["what is it?"]], max_new_tokens=2)
+                release_mapped_files(files)
+                blip.rank(embeds, "what is it?", ["yes", "no"])
+        return release_mapped_files(files)
 
     # -- the parts -------------------------------------------------------------------------------
 

@@ -53,7 +53,7 @@ def share(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def measure(checkpoint: str, work: Path, scenes: list) -> dict:
+def measure(checkpoint: str, work: Path, scenes: list, build_args: list[str]) -> dict:
     truth = [qa.answer for s in scenes for qa in s.qa]
     ref_answers, ref_captions = pytorch_outputs(checkpoint, scenes)
     rows: dict[str, dict] = {"PyTorch": {"accuracy": share(ref_answers, truth)}}
@@ -69,7 +69,7 @@ def measure(checkpoint: str, work: Path, scenes: list) -> dict:
     for name, flags in BUILDS.items():
         out = work / ("plain" if flags else "controlled")
         t0 = time.perf_counter()
-        assert blip_build([checkpoint, "-o", str(out), "--force", *flags]) == 0
+        assert blip_build([checkpoint, "-o", str(out), "--force", *flags, *build_args]) == 0
         seconds = time.perf_counter() - t0
         if "FP16" not in rows:  # the same FP16 parts in every build
             rows["FP16"] = row(Blip(out, precision="fp16"))
@@ -116,15 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=500, help="held-out scenes (about 5 questions each)")
     p.add_argument("--work", type=Path, default=REPO / ".cache" / "quality")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "quality.json")
+    p.add_argument("--build-args", default="", help="more blip-build flags for every INT8 build, one string")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     scenes = make_scenes(args.scenes, HELD_OUT_SEED)
-    results = {"scenes": args.scenes, "models": {}}
+    results = {"scenes": args.scenes, "build_args": args.build_args, "models": {}}
     for model in args.models:
         work = args.work / model
         outliers = model == "tiny-outliers"
         checkpoint = str(add_outliers(work / "checkpoint")) if outliers else bundled(model)
-        results["models"][model] = measure(checkpoint, work, scenes)
+        results["models"][model] = measure(checkpoint, work, scenes, args.build_args.split())
         print(table({"models": {model: results["models"][model]}}), file=sys.stderr)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from nncf.quantization.algorithms.accuracy_control.algorithm import Quantization
 
 from backend.runtime.blip import Blip, ov_config
 from model_build.agreement import Encoded, Measured, Reference
+from model_build.calibration import Sample
 
 TARGET_AGREEMENT = 0.99
 MAX_REVERTS = 20  # operations NNCF may put back in float per part; each costs one full validation
@@ -68,11 +70,20 @@ class Stage:
 class Control:
     """Validates candidate parts through the whole pipeline; collects what each stage did."""
 
-    def __init__(self, fp16: Blip, reference: Reference, target: float) -> None:
-        self.fp16, self.reference = fp16, reference
+    def __init__(self, fp16: Blip, validation: Sequence[Sample], target: float) -> None:
+        self.fp16, self.validation = fp16, validation
         self.target, self.aim = target, aim(target)
         self.fixed: dict[str, ov.CompiledModel] = {}  # parts decided so far, in the pipeline
         self.stages: list[Stage] = []
+
+    @cached_property
+    def reference(self) -> Reference:
+        """FP16's outputs on the validation slice: computed when first needed (a plain build never
+        does), ~70 s for the default 60 images of the full-size model."""
+        t0 = time.perf_counter()
+        reference = Reference(self.fp16, self.validation)
+        _log(f"      FP16 on {len(self.validation)} validation images in {time.perf_counter() - t0:.1f} s")
+        return reference
 
     def compile(self, model: ov.Model | Path) -> ov.CompiledModel:
         return ov.Core().compile_model(model, "CPU", ov_config("CPU", None, None))
@@ -134,7 +145,7 @@ class Control:
         """`nncf.quantize_with_accuracy_control` of `part`, validated through the whole pipeline."""
         t0 = time.perf_counter()
         stage = Stage(part, "accuracy control")
-        n = len(self.reference.samples)
+        n = len(self.validation)
         plain: list[float] = []
 
         def validate(compiled: ov.CompiledModel, items: Any) -> tuple[float, list[float]]:
@@ -183,7 +194,7 @@ class Control:
         return {
             "target": self.target,
             "aim": self.aim,
-            "validation_images": len(self.reference.samples),
+            "validation_images": len(self.validation),
             "reached": reached,
             "stages": [asdict(s) for s in self.stages],
         }

@@ -145,7 +145,7 @@ def _build_int8(
     from backend.runtime.blip import Blip
     from model_build import report
     from model_build.accuracy import Control
-    from model_build.agreement import Reference, gate_value
+    from model_build.agreement import gate_value
     from model_build.quantize import Calibration, quantize_parts
 
     held_out_n = max(4, min(100, quant.subset_size // 5))
@@ -175,7 +175,7 @@ def _build_int8(
     )
 
     fp16 = Blip(out, precision="fp16")
-    control = Control(fp16, Reference(fp16, validation), quant.target_agreement)
+    control = Control(fp16, validation, quant.target_agreement)
     log(f"      read in {time.perf_counter() - t0:.1f} s")
     held = f", holding agreement with FP16 at {control.aim:.1%}" if quant.accuracy_control else ""
     log(f"[5/{stages}] quantizing with NNCF{held}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,16 @@ from model_build.accuracy import TARGET_AGREEMENT, Control
 from model_build.calibration import Sample
 
 WEIGHT_MODES = ("int8_asym", "int8_sym", "int4_asym", "int4_sym")
+STATISTICS_PRECISIONS = ("f32", "bf16")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU executes bf16 in hardware (AVX512_BF16 or AMX); elsewhere OpenVINO emulates it."""
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def default_statistics_precision() -> str:
+    return "bf16" if native_bf16() else "f32"
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,8 @@ class QuantSettings:
     ratio: float | None = None  # INT4 only: share of layers in INT4, the rest INT8 (NNCF default 1.0)
     target_agreement: float = TARGET_AGREEMENT  # what accuracy control holds (model_build/accuracy.py)
     accuracy_control: bool = True  # False: plain NNCF, the gate alone decides what is served
+    # what NNCF runs the model in to collect its statistics (the FP16 reference stays f32)
+    statistics_precision: str = field(default_factory=default_statistics_precision)
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
@@ -51,6 +65,11 @@ class QuantSettings:
             raise ValueError("subset size must be at least 1")
         if not 0.0 < self.target_agreement <= 1.0:
             raise ValueError("target agreement must be in (0, 1]")
+        if self.statistics_precision not in STATISTICS_PRECISIONS:
+            raise ValueError(
+                f"statistics precision must be one of {', '.join(STATISTICS_PRECISIONS)}, "
+                f"not {self.statistics_precision!r}"
+            )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -62,6 +81,7 @@ class QuantSettings:
             "ratio": self.ratio,
             "target_agreement": self.target_agreement,
             "accuracy_control": self.accuracy_control,
+            "statistics_precision": self.statistics_precision,
         }
 
 
@@ -167,14 +187,40 @@ def quantize_parts(
         advanced = AdvancedQuantizationParameters(
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=settings.smooth_quant_alpha)
         )
-        if settings.accuracy_control:
-            options["advanced_quantization_parameters"] = advanced
-            model = control.quantize(name, model, dataset, subset, options)
-        else:
-            model = nncf.quantize(model, dataset, subset_size=subset, advanced_parameters=advanced, **options)
+        with statistics_in(settings.statistics_precision):
+            if settings.accuracy_control:
+                options["advanced_quantization_parameters"] = advanced
+                model = control.quantize(name, model, dataset, subset, options)
+            else:
+                model = nncf.quantize(
+                    model, dataset, subset_size=subset, advanced_parameters=advanced, **options
+                )
         _save(model, int8_dir / f"{name}.xml")
         _log(f"{' ' * len(heads[name])} done in {time.perf_counter() - t0:.1f} s")
     return {name: {"files": [int8_dir / f"{name}.xml", int8_dir / f"{name}.bin"]} for name in fp16}
+
+
+@contextmanager
+def statistics_in(precision: str) -> Iterator[None]:
+    """NNCF collects its statistics by running the model in f32 whatever the CPU offers
+    (nncf.openvino.engine.OVNativeEngine hard-codes the hint); its pipeline looks that class up in its
+    module each time it runs a model, so swapping it there is how to run the passes in bf16: 1.7x faster
+    on the full-size vision encoder, which takes two passes over every calibration image."""
+    import nncf.openvino.engine as engine
+    from nncf.openvino.graph.model_utils import model_has_state
+
+    native = engine.OVNativeEngine
+
+    class Engine(native):  # type: ignore[misc, valid-type]
+        def __init__(self, model: ov.Model, use_fp32_precision: bool = True) -> None:
+            compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+            self.engine = engine.OVCompiledModelEngine(compiled, model_has_state(model))
+
+    engine.OVNativeEngine = Engine
+    try:
+        yield
+    finally:
+        engine.OVNativeEngine = native
 
 
 def _save(model: ov.Model, xml: Path) -> Path:

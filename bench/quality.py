@@ -1,6 +1,8 @@
 """INT8 quality on the bundled test models: plain NNCF against accuracy control, next to PyTorch and FP16.
 
-    python bench/quality.py [--models tiny tiny-wide tiny-outliers] [--scenes 500]      (make quality)
+    python bench/quality.py [--models tiny tiny-wide tiny-outliers] [--scenes 500] [--build-args "..."]
+
+(`make quality` runs it with the defaults; `--build-args` adds blip-build flags to every INT8 build.)
 
 For each model, three builds from the documented command (`blip-build MODEL -o DIR`, 300 calibration
 samples): FP16 (every build has it), INT8 with `--no-accuracy-control` (plain NNCF, as before accuracy

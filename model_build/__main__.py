@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
         "--statistics-precision",
         choices=["f32", "bf16"],
         help="what NNCF runs the model in to collect its statistics (default bf16 on CPUs with bf16 "
-        "instructions, 1.7x faster; f32 elsewhere)",
+        "instructions, 1.5x faster; f32 elsewhere)",
     )
     q.add_argument(
         "--min-agreement",

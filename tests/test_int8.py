@@ -233,7 +233,7 @@ def test_int8_from_a_label_studio_export(tmp_path: Path):
 
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
 def test_nncf_collects_statistics_in_the_precision_asked(tiny_dir: Path, precision: str):
-    """The build runs NNCF's statistics passes in --statistics-precision (bf16: 1.7x faster full-size):
+    """The build runs NNCF's statistics passes in --statistics-precision (bf16: 1.5x faster full-size):
     the engine NNCF makes for them runs in it, and NNCF's own f32 engine is back afterwards."""
     import openvino as ov
     from nncf.common.factory import EngineFactory

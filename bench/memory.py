@@ -43,7 +43,9 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def measure(model_dir: str, n_tasks: int, n_requests: int, precision: str | None) -> list[dict]:
+def measure(
+    model_dir: str, n_tasks: int, n_requests: int, precision: str | None, photo_size: tuple[int, int] | None
+) -> list[dict]:
     """Runs in the measured process; returns one row per step."""
     steps: list[dict] = []
 
@@ -87,12 +89,18 @@ def measure(model_dir: str, n_tasks: int, n_requests: int, precision: str | None
     blip = app.config["predictor"].blip
     step("app ready")
 
-    from workload import TASK_CONFIG, data_uri, random_image
+    from workload import TASK_CONFIG, data_uri, photo, random_image
 
     side = blip.image_settings["height"]
     client = app.test_client()
+
+    def image(seed: int) -> str:
+        if photo_size:
+            return data_uri(photo(*photo_size, seed), "JPEG")
+        return data_uri(random_image(side, seed))
+
     for k in range(n_requests):
-        images = [data_uri(random_image(side, seed=1000 + k * n_tasks + i)) for i in range(n_tasks)]
+        images = [image(1000 + k * n_tasks + i) for i in range(n_tasks)]
         body = {
             "tasks": [{"id": i, "data": {"image": image}} for i, image in enumerate(images)],
             "label_config": TASK_CONFIG,
@@ -111,13 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=16, help="tasks per /predict")
     p.add_argument("--requests", type=int, default=3)
     p.add_argument("--precision", help="int8 or fp16 (default: what the build serves)")
+    p.add_argument("--photo", metavar="WxH", help="JPEG photos of this size as images (4032x3024)")
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the measured process")
     p.add_argument("--out", type=Path, help="write the rows as JSON")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.inner:
-        rows = measure(args.model_dir, args.tasks, args.requests, args.precision)
+        size = tuple(int(x) for x in args.photo.split("x")) if args.photo else None
+        rows = measure(args.model_dir, args.tasks, args.requests, args.precision, size)
         print(json.dumps(rows))
         return 0
 
@@ -127,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         env[name] = value
     cmd = [sys.executable, __file__, args.model_dir, "--inner", "--tasks", str(args.tasks)]
     cmd += ["--requests", str(args.requests)] + (["--precision", args.precision] if args.precision else [])
+    cmd += ["--photo", args.photo] if args.photo else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.stderr.write(out.stderr)
         return out.returncode
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{args.model_dir}  {' '.join(args.env) or '(default environment)'}")
+    images = f"{args.photo} JPEG photos" if args.photo else "images of the model's size"
+    print(f"{args.model_dir}  {' '.join(args.env) or '(default environment)'}  {args.tasks} tasks, {images}")
     print(f"{'step':<52} {'RSS':>7} {'peak':>7} {'anon':>7} {'files':>7}   MiB")
     previous = 0.0
     for row in rows:

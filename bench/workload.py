@@ -29,7 +29,14 @@ def random_image(side: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
-def data_uri(image: Image.Image) -> str:
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth image of a camera's size: decodes to width x height x 3 bytes like a photo, but its
+    JPEG stays small (noise at 12 MP would make a 10 MB file per task)."""
+    small = np.random.default_rng(seed).integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def data_uri(image: Image.Image, kind: str = "PNG") -> str:
     buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    image.save(buf, kind)
+    return f"data:image/{kind.lower()};base64," + base64.b64encode(buf.getvalue()).decode()

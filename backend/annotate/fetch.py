@@ -188,6 +188,11 @@ class LabelStudioHost:
         return bool(_LABEL_STUDIO_ROUTES.match(path + ("/" if parts.path.endswith("/") else "")))
 
 
+def is_data_uri(url: str) -> bool:
+    """An image inline in the task (`data:image/png;base64,...`): read in place, never fetched."""
+    return url.startswith("data:")
+
+
 def is_label_studio_path(url: str) -> bool:
     """A relative URL label-studio-sdk resolves against the Label Studio host (uploads, Local Storage)."""
     return url.startswith(
@@ -269,6 +274,10 @@ class FetchPolicy:
 
     def check_source(self, url: str) -> None:
         """Refuses, before anything is fetched, what is never read: file://, bare paths, other schemes."""
+        if is_data_uri(url):
+            # not through urlsplit: since Python 3.11 it keeps the last 128 URLs it split, and the parts of
+            # each, which for a data URI is the image's base64 twice (a full-size request of 16: +20 MB)
+            return
         try:
             scheme = urllib.parse.urlsplit(url).scheme.lower()
         except ValueError as e:  # e.g. an unclosed IPv6 bracket

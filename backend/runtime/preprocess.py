@@ -11,15 +11,21 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 
+def resized(image: Image.Image, settings: dict[str, Any]) -> Image.Image:
+    """The image in RGB at the vision encoder's input size, resized as BlipImageProcessor does. An image
+    already that size comes back as a copy of itself, so resizing early (to hold 0.4 MB per image
+    instead of a photo's 36) gives the same pixel values."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize((settings["width"], settings["height"]), Image.Resampling(settings["resample"]))
+
+
 def pixel_values(images: Sequence[Image.Image], settings: dict[str, Any]) -> np.ndarray:
     """RGB images -> float32 [N, 3, H, W]: resize, rescale and normalise as BlipImageProcessor does."""
-    size = (settings["width"], settings["height"])
     mean = np.asarray(settings["mean"], dtype=np.float32)
     std = np.asarray(settings["std"], dtype=np.float32)
-    out = np.empty((len(images), 3, size[1], size[0]), dtype=np.float32)
+    out = np.empty((len(images), 3, settings["height"], settings["width"]), dtype=np.float32)
     for i, image in enumerate(images):
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        x = np.asarray(rgb.resize(size, Image.Resampling(settings["resample"])), dtype=np.float32)
+        x = np.asarray(resized(image, settings), dtype=np.float32)
         x = (x * settings["rescale_factor"] - mean) / std
         out[i] = x.transpose(2, 0, 1)
     return out

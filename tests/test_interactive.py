@@ -96,9 +96,9 @@ def counted(monkeypatch):
     seen = {"vision": 0}
     encode = runtime.encode_images
 
-    def counting(vision, images, settings):
+    def counting(vision, images, *args):
         seen["vision"] += len(images)
-        return encode(vision, images, settings)
+        return encode(vision, images, *args)
 
     monkeypatch.setattr(runtime, "encode_images", counting)
     return seen

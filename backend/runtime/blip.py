@@ -33,19 +33,29 @@ from backend.runtime.preprocess import TextCodec, pixel_values
 
 Images = Sequence[Image.Image] | np.ndarray  # PIL images, or image embeddings from `Blip.encode`
 
-# Bounded memory for large calls: images per vision call, and per decoding batch. A caption's
-# cross-attention cache holds the 577 image tokens of a full-size model (42 MB per image): on 2 cores,
-# 16 images captioned 4 at a time took 2.7-3.0 s and peaked at 1.4 GB, 16 at a time 4.0 s and 2.7 GB.
-# The vision encoder takes the same time per image 1, 2 or 8 at a time (16 images: 3.2 s), but
-# OpenVINO keeps ~45 MB of buffers per image of its largest batch.
-VISION_BATCH = 2
-CAPTION_BATCH = 4
-ANSWER_BATCH = 16
-# Images per question-encoder call: their keys/values take 42 MB each on a full-size model, and OpenVINO
-# keeps its output buffer at the largest size it has produced. 16 tasks (caption + 3 questions): one
-# image per call peaked 90 MiB lower than two (1159 vs 1251 MiB) at the same speed (median of 9 runs
-# 8.5 vs 8.9 s); four per call had peaked 200 MB higher than two.
-KV_IMAGES = 1
+
+@dataclass(frozen=True)
+class Batches:
+    """Images (or questions) per call of each part: memory bounded for large calls, at the speed measured
+    on 2 cores with a full-size model. OpenVINO keeps each part's buffers at the size of the largest batch
+    it has run.
+
+    - vision: the same time per image 1, 2 or 8 at a time (16 images: 3.2 s); ~45 MB of buffers per image.
+    - caption: a caption's cross-attention cache holds the 577 image tokens (42 MB per image): 16 images
+      captioned 4 at a time took 2.7-3.0 s and peaked at 1.4 GB, 16 at a time 4.0 s and 2.7 GB, 2 at a
+      time ~13% longer than 4 and 100 MB lower.
+    - answer: questions decoded together (their cross-attention holds the question's tokens only).
+    - kv_images: images per question-encoder call (their keys/values, 42 MB each): 16 tasks (caption + 3
+      questions) peaked 90 MiB lower with one than with two (1159 vs 1251 MiB) at the same speed (median
+      of 9 runs, 8.5 vs 8.9 s); four had peaked 200 MB higher than two.
+    """
+
+    vision: int = 2
+    caption: int = 4
+    answer: int = 16
+    kv_images: int = 1
+
+
 RANK_ELEMENTS = 16 << 20  # logits floats per ranking chunk
 
 
@@ -83,16 +93,19 @@ def ov_config(device: str, threads: int | None, inference_precision: str | None)
 
 
 def encode_images(
-    vision: ov.CompiledModel, images: Sequence[Image.Image], image_settings: dict[str, Any]
+    vision: ov.CompiledModel,
+    images: Sequence[Image.Image],
+    image_settings: dict[str, Any],
+    batch: int = Batches.vision,
 ) -> np.ndarray:
-    """Images -> image embeddings [N, S, E] with a compiled vision part, VISION_BATCH images per call."""
+    """Images -> image embeddings [N, S, E] with a compiled vision part, `batch` images per call."""
     chunks = [
         vision.create_infer_request().infer(
-            {"pixel_values": pixel_values(images[i : i + VISION_BATCH], image_settings)},
+            {"pixel_values": pixel_values(images[i : i + batch], image_settings)},
             share_inputs=True,
             share_outputs=True,
         )[0]
-        for i in range(0, len(images), VISION_BATCH)
+        for i in range(0, len(images), batch)
     ]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0), np.float32)
 
@@ -122,6 +135,7 @@ class Blip:
             precision = self.manifest.served_precision
         self.device, self.precision, self.threads = device, precision, threads
         self.inference_precision = inference_precision
+        self.batches = Batches()
         if precision not in self.manifest.precisions:
             raise ValueError(
                 f"{model_dir} has no {precision} build (has {', '.join(self.manifest.precisions)})"
@@ -163,6 +177,18 @@ class Blip:
         """What Label Studio stores with each prediction of this build (see Manifest.model_version)."""
         own = self.manifest.model_version(self.precision)
         return own if self.captioner is self else f"{own}+{self.captioner.model_version}"
+
+    def use(self, batches: Batches) -> None:
+        """Runs every later call with these batch sizes (the paired caption model's too)."""
+        self.batches = self.captioner.batches = batches
+
+    @property
+    def kv_bytes(self) -> int:
+        """The bytes of one image's cross-attention keys/values (f32), the unit a batch's memory grows by:
+        42 MB on a full-size model (12 layers x 2 x 577 image tokens x 768 x 4 bytes)."""
+        tokens = self._parts["vision"].output(0).get_partial_shape()[1].get_length()
+        text = self.manifest.data["text"]
+        return text["layers"] * 2 * tokens * text["heads"] * text["head_size"] * 4
 
     @property
     def encoder_key(self) -> str:
@@ -207,7 +233,7 @@ class Blip:
         """Images -> image embeddings [N, S, E] (pass them to caption/answer/rank to reuse them)."""
         if isinstance(images, np.ndarray):
             return images
-        return encode_images(self._parts["vision"], images, self.image_settings)
+        return encode_images(self._parts["vision"], images, self.image_settings, self.batches.vision)
 
     def _cross_kv(self, states: np.ndarray) -> np.ndarray:
         return self._run("cross_kv", {"encoder_states": states})
@@ -251,8 +277,8 @@ class Blip:
         # like transformers: the prompt's [CLS] becomes the decoder start and its closing [SEP] is dropped
         prompt_ids = start + (self.text_codec.ids(prompt)[1:-1] if prompt else [])
         results: list[Generated] = []
-        for i in range(0, len(embeds), CAPTION_BATCH):
-            chunk = embeds[i : i + CAPTION_BATCH]
+        for i in range(0, len(embeds), self.batches.caption):
+            chunk = embeds[i : i + self.batches.caption]
             ids = np.tile(np.asarray(prompt_ids, dtype=np.int64), (len(chunk), 1))
             mask = np.ones(chunk.shape[:2], dtype=np.int64)
             for seq in self._decode(ids, self._cross_kv(chunk), mask, settings):
@@ -277,8 +303,8 @@ class Blip:
             return [[] for _ in questions]
         q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs], image_kv)
         flat: list[Generated] = []
-        for c in range(0, len(pairs), ANSWER_BATCH):
-            chunk = slice(c, c + ANSWER_BATCH)
+        for c in range(0, len(pairs), self.batches.answer):
+            chunk = slice(c, c + self.batches.answer)
             start = np.full((len(pairs[chunk]), 1), self.tokens["decoder_start"], dtype=np.int64)
             for seq in self._decode(start, self._cross_kv(q_embeds[chunk]), q_mask[chunk], settings):
                 flat.append(self._generated(seq.tokens, seq.token_logprobs))
@@ -352,7 +378,7 @@ class Blip:
         """Question i about image image_index[i] -> (question embeddings [B, Q, E], mask [B, Q]).
 
         The question encoder's keys and values of an image are computed once for all its questions,
-        KV_IMAGES images at a time, or taken from `image_kv` (all the images' K/V, image axis 2).
+        `batches.kv_images` images at a time, or taken from `image_kv` (all the images' K/V, image axis 2).
         """
         if "answer" not in self.tasks:
             raise ValueError("this model only captions (its checkpoint has no question encoder)")
@@ -363,11 +389,11 @@ class Blip:
             rows = np.asarray(image_index, dtype=np.int64)
             inputs = {"input_ids": ids, "attention_mask": mask, "image_kv": image_kv, "image_index": rows}
             return self._run("text_encoder", inputs), mask
-        chunks, start = [], 0
+        chunks, start, per_call = [], 0, self.batches.kv_images
         while start < len(questions):
             images: dict[int, int] = {}  # image -> its row in this chunk's image_kv
             end = start
-            while end < len(questions) and (image_index[end] in images or len(images) < KV_IMAGES):
+            while end < len(questions) and (image_index[end] in images or len(images) < per_call):
                 images.setdefault(image_index[end], len(images))
                 end += 1
             image_kv = self._run("text_encoder_kv", {"encoder_states": embeds[list(images)]})

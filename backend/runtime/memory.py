@@ -73,3 +73,15 @@ def release_mapped_files(files: Iterable[str | Path]) -> int:
         else:
             log.debug("madvise on %s failed: errno %d", fields[5], ctypes.get_errno())
     return released
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory (VmRSS), MiB; None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

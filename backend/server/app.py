@@ -21,7 +21,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from backend.annotate import interactive
+from backend.annotate import budget, interactive
 from backend.annotate.cache import DEFAULT_MB as EMBEDDING_CACHE_MB
 from backend.annotate.cache import ENV as EMBEDDING_CACHE
 from backend.annotate.cache import EmbeddingCache
@@ -57,6 +57,7 @@ class Settings:
     allowed_image_hosts: str = ""  # ALLOWED_IMAGE_HOSTS: host names, IPs and CIDRs, comma-separated
     max_request_mb: int = MAX_REQUEST_MB
     embedding_cache_mb: int = EMBEDDING_CACHE_MB  # EMBEDDING_CACHE_MB: kept image embeddings (0: none)
+    memory_budget_mb: int | None = None  # MEMORY_BUDGET_MB: batch sizes and cache fitted to it (None: none)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -74,6 +75,7 @@ class Settings:
             allowed_image_hosts=env(ALLOWED_IMAGE_HOSTS) or "",
             max_request_mb=_positive_int("MAX_REQUEST_MB") or MAX_REQUEST_MB,
             embedding_cache_mb=_whole(EMBEDDING_CACHE, EMBEDDING_CACHE_MB),
+            memory_budget_mb=budget.from_env(),
         )
 
 
@@ -158,7 +160,8 @@ def create_app(
         )
     # image embeddings (and, for interactive questions, the question encoder's image K/V) kept across
     # requests: a follow-up question about a task runs neither the download nor the vision encoder
-    predictor = Predictor(blip, cache=EmbeddingCache(settings.embedding_cache_mb << 20))
+    cache_mb = budget.fit(blip, settings.memory_budget_mb, settings.embedding_cache_mb)
+    predictor = Predictor(blip, cache=EmbeddingCache(cache_mb << 20))
     metrics = Metrics()
     # /setup's hostname and access token: used when LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are unset
     from_setup: dict[str, str | None] = {"hostname": None, "access_token": None}

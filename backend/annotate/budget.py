@@ -1,0 +1,99 @@
+"""MEMORY_BUDGET_MB: the batch sizes and embedding cache a worker can afford once its model is loaded.
+
+    cache_mb = fit(blip, budget_mb=1200, cache_mb=256)   # after blip.warm_up(); sets blip's batches
+
+What a worker holds after loading (weights, libraries, buffers at batch 1: measured, not estimated)
+plus what a request adds on top, estimated from the model's shapes: the request's own arrays at batch 1,
+photos being decoded, and each image a batch takes beyond the first. The fastest batch sizes whose
+estimate fits are used, and what is left goes to the embedding cache (at most `cache_mb`). A budget below
+what the model needs at batch 1 is logged as a warning, and the worker runs at the smallest batches
+without a cache: it does not refuse to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from backend.annotate.predict import FETCH_THREADS
+from backend.runtime.blip import Batches, Blip
+from backend.runtime.memory import resident_mib
+
+log = logging.getLogger(__name__)
+
+ENV = "MEMORY_BUDGET_MB"
+# fastest first. Measured on 2 cores, full-size INT8, 16 tasks of a caption and 3 questions: captions two
+# at a time take ~13% longer than four; the vision encoder's speed per image is the same at 1 and 2.
+CHOICES = (
+    Batches(),
+    Batches(caption=2),
+    Batches(vision=1, caption=2),
+    Batches(vision=1, caption=1),
+)
+# In units of one image's cross-attention keys/values (Blip.kv_bytes, 42 MB full-size), measured on the
+# full-size model (bench/memory.py; peaks over 16-task requests): a request at batch 1 peaks ~7 units
+# over the RSS after loading (its embeddings, 20-token caption decoding, the question encoder, the
+# request body); one more image per vision call adds 0.6 units, per caption call 1.1, per question-
+# encoder call 2.2.
+REQUEST = 7.0
+PER_IMAGE = {"vision": 0.6, "caption": 1.1, "kv_images": 2.2}
+PHOTO_MB = 36  # a 12-MP photo while it is decoded, before it is resized; FETCH_THREADS decode at once
+
+
+@dataclass(frozen=True)
+class Fit:
+    batches: Batches
+    cache_mb: int
+    peak_mb: int  # the estimated peak with these batches and a full cache
+    fits: bool
+
+
+def from_env() -> int | None:
+    """MEMORY_BUDGET_MB from the environment: a positive whole number of MiB, or None (no budget)."""
+    value = os.environ.get(ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{ENV} must be a positive whole number of MiB, got {value!r}")
+    return int(value)
+
+
+def choose(loaded_mb: float, kv_mb: float, budget_mb: int, cache_mb: int) -> Fit:
+    """The fastest batches whose estimated peak stays within `budget_mb`, and the cache that still fits."""
+    base = loaded_mb + REQUEST * kv_mb + FETCH_THREADS * PHOTO_MB
+    for batches in CHOICES:
+        extra = sum(PER_IMAGE[name] * (getattr(batches, name) - 1) for name in PER_IMAGE) * kv_mb
+        need = base + extra
+        if need <= budget_mb:
+            cache = max(0, min(cache_mb, int(budget_mb - need)))
+            return Fit(batches, cache, round(need + cache), True)
+    return Fit(CHOICES[-1], 0, round(need), False)
+
+
+def fit(blip: Blip, budget_mb: int | None, cache_mb: int) -> int:
+    """Sets `blip`'s batch sizes for `budget_mb` (None: no budget, the fastest) and returns the embedding
+    cache's MiB. Call it once the model is loaded and warmed up: the RSS then is what it holds for good."""
+    if budget_mb is None:
+        return cache_mb
+    loaded = resident_mib()
+    if loaded is None:
+        log.warning("%s=%d is ignored: this system does not report the process's memory", ENV, budget_mb)
+        return cache_mb
+    kv_mb = max(blip.kv_bytes, blip.captioner.kv_bytes) / (1 << 20)
+    chosen = choose(loaded, kv_mb, budget_mb, cache_mb)
+    blip.use(chosen.batches)
+    b = chosen.batches
+    sizes = f"vision {b.vision}, captions {b.caption}, answers {b.answer}, image K/V {b.kv_images}"
+    if chosen.fits:
+        log.info(
+            "%s=%d: %.0f MiB after loading; per call: %s; embedding cache %d MiB (%d asked); peak ~%d MiB",
+            ENV, budget_mb, loaded, sizes, chosen.cache_mb, cache_mb, chosen.peak_mb,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "%s=%d is less than this model needs: %.0f MiB after loading, ~%d MiB at a request's peak with "
+            "one image per call; running with one image per call and no embedding cache",
+            ENV, budget_mb, loaded, chosen.peak_mb,
+        )  # fmt: skip
+    return chosen.cache_mb

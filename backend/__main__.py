@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from backend.runtime.env import positive_int
 from backend.runtime.manifest import ModelDirError
 
 
@@ -39,17 +40,17 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default=os.environ.get("HOST", "0.0.0.0"), help="bind address [$HOST or 0.0.0.0]"
     )
-    serve.add_argument("--port", type=int, default=_env_int("PORT", 9090), help="[$PORT or 9090]")
+    serve.add_argument("--port", type=int, default=positive_int("PORT") or 9090, help="[$PORT or 9090]")
     serve.add_argument(
         "--workers",
         type=int,
-        default=_env_int("WORKERS", 1),
+        default=positive_int("WORKERS") or 1,
         help="processes, each with its own model copy [$WORKERS or 1]",
     )
     serve.add_argument(
         "--threads",
         type=int,
-        default=_env_int("THREADS", 4),
+        default=positive_int("THREADS") or 4,
         help="request threads per worker; inference is serialised [$THREADS or 4]",
     )
     serve.add_argument(
@@ -65,11 +66,6 @@ def parser() -> argparse.ArgumentParser:
         )
     )
     return p
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() else default
 
 
 # gunicorn settings; bench/load.py and tests/test_load.py measure them under load and SIGTERM.
@@ -149,7 +145,12 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        p = parser()
+    except ValueError as e:  # PORT, WORKERS or THREADS set to something else than a number
+        print(f"blip-backend: error: {e}", file=sys.stderr)
+        return 2
+    args = p.parse_args(argv)
     if args.command == "serve":
         return serve(args)
     if args.command == "prelabel":

@@ -10,6 +10,7 @@ import pytest
 from label_studio_server import data_uri
 from templates import vqa
 
+from backend.__main__ import main
 from backend.annotate import budget
 from backend.runtime.blip import Batches, Blip
 from backend.server.app import Settings, create_app
@@ -58,9 +59,13 @@ def test_the_fastest_batches_that_fit_and_the_rest_to_the_cache() -> None:
     assert not short.fits and short.batches == budget.CHOICES[-1] and short.cache_mb == 0
 
 
-def test_a_malformed_budget_stops_the_start(monkeypatch) -> None:
+def test_malformed_numbers_in_the_environment_stop_the_start(monkeypatch, capsys) -> None:
     monkeypatch.setenv("MEMORY_BUDGET_MB", "1.5GB")
-    with pytest.raises(ValueError, match="MEMORY_BUDGET_MB must be a positive whole number"):
+    with pytest.raises(ValueError, match=r"MEMORY_BUDGET_MB must be a positive whole number, got '1\.5GB'"):
         Settings.from_env()
     monkeypatch.setenv("MEMORY_BUDGET_MB", "1500")
     assert Settings.from_env().memory_budget_mb == 1500
+    # read by the command line, before gunicorn starts: WORKERS=two used to mean one worker, silently
+    monkeypatch.setenv("WORKERS", "two")
+    assert main(["serve", "--model-dir", "models/none"]) == 2
+    assert "WORKERS must be a positive whole number, got 'two'" in capsys.readouterr().err

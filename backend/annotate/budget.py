@@ -13,11 +13,11 @@ without a cache: it does not refuse to start.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from backend.annotate.predict import FETCH_THREADS
 from backend.runtime.blip import Batches, Blip
+from backend.runtime.env import positive_int
 from backend.runtime.memory import resident_mib
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,7 @@ class Fit:
 
 def from_env() -> int | None:
     """MEMORY_BUDGET_MB from the environment: a positive whole number of MiB, or None (no budget)."""
-    value = os.environ.get(ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{ENV} must be a positive whole number of MiB, got {value!r}")
-    return int(value)
+    return positive_int(ENV)
 
 
 def choose(loaded_mb: float, kv_mb: float, budget_mb: int, cache_mb: int) -> Fit:

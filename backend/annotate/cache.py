@@ -24,13 +24,14 @@ Shared by every request thread of a worker (a lock guards it); each gunicorn wor
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from backend.runtime.env import whole
 
 ENV = "EMBEDDING_CACHE_MB"
 DEFAULT_MB = 256  # a full-size model: ~6 images with their question K/V, or ~140 images' embeddings alone
@@ -61,12 +62,7 @@ class EmbeddingCache:
     @classmethod
     def from_env(cls) -> EmbeddingCache:
         """EMBEDDING_CACHE_MB from the environment: a whole number of MiB, 0 to turn the cache off."""
-        value = os.environ.get(ENV, "").strip()
-        if not value:
-            return cls()
-        if not value.isdigit():
-            raise ValueError(f"{ENV} must be a whole number of MiB (0: no cache), got {value!r}")
-        return cls(int(value) << 20)
+        return cls(whole(ENV, DEFAULT_MB) << 20)
 
     @property
     def nbytes(self) -> int:

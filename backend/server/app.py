@@ -31,6 +31,7 @@ from backend.annotate.images import ImageLoader
 from backend.annotate.labeling import ConfigError, plan
 from backend.annotate.predict import Predictor
 from backend.runtime.blip import Blip
+from backend.runtime.env import positive_int, whole
 
 log = logging.getLogger(__name__)
 
@@ -66,35 +67,17 @@ class Settings:
             model_dir=env("MODEL_DIR") or None,
             device=env("DEVICE") or "CPU",
             precision=env("PRECISION") or None,
-            threads=_positive_int("INFERENCE_THREADS"),
+            threads=positive_int("INFERENCE_THREADS"),
             inference_precision=env("INFERENCE_PRECISION") or None,
             label_studio_url=env("LABEL_STUDIO_URL") or env("LABEL_STUDIO_HOST") or None,
             api_key=env("LABEL_STUDIO_API_KEY") or env("LABEL_STUDIO_ACCESS_TOKEN") or None,
             basic_auth_user=env("BASIC_AUTH_USER") or None,
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
             allowed_image_hosts=env(ALLOWED_IMAGE_HOSTS) or "",
-            max_request_mb=_positive_int("MAX_REQUEST_MB") or MAX_REQUEST_MB,
-            embedding_cache_mb=_whole(EMBEDDING_CACHE, EMBEDDING_CACHE_MB),
+            max_request_mb=positive_int("MAX_REQUEST_MB") or MAX_REQUEST_MB,
+            embedding_cache_mb=whole(EMBEDDING_CACHE, EMBEDDING_CACHE_MB),
             memory_budget_mb=budget.from_env(),
         )
-
-
-def _positive_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
-    return int(value)
-
-
-def _whole(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ValueError(f"{name} must be a whole number (0 or more), got {value!r}")
-    return int(value)
 
 
 @dataclass

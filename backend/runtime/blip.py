@@ -40,7 +40,7 @@ class Batches:
     on 2 cores with a full-size model. OpenVINO keeps each part's buffers at the size of the largest batch
     it has run.
 
-    - vision: the same time per image 1, 2 or 8 at a time (16 images: 3.2 s); ~45 MB of buffers per image.
+    - vision: the same time per image 1, 2 or 8 at a time (16 images: 3.2 s); ~25 MB more peak per image.
     - caption: a caption's cross-attention cache holds the 577 image tokens (42 MB per image): 16 images
       captioned 4 at a time took 2.7-3.0 s and peaked at 1.4 GB, 16 at a time 4.0 s and 2.7 GB, 2 at a
       time ~13% longer than 4 and 100 MB lower.

@@ -25,7 +25,7 @@ from label_studio_server import data_uri, png, served_backend, upload
 from scenes import fully_right
 from templates import CAPTIONING, vqa
 
-from backend.annotate.cache import EmbeddingCache
+from backend.annotate.cache import EmbeddingCache, mb_from_env
 from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
 from backend.annotate.labeling import plan
@@ -393,14 +393,14 @@ def test_the_cache_is_bounded_by_bytes_and_by_images():
 
 def test_embedding_cache_mb_from_the_environment(monkeypatch, blip, scenes, counted):
     monkeypatch.setenv("EMBEDDING_CACHE_MB", "0")
-    assert Settings.from_env().embedding_cache_mb == 0 and not EmbeddingCache.from_env().enabled
+    assert Settings.from_env().embedding_cache_mb == 0 and not EmbeddingCache(mb_from_env() << 20).enabled
     client = create_app(blip=blip, settings=Settings.from_env()).test_client()
     task = {"id": 16, "data": {"image": data_uri(scenes[2].image)}}
     for kind in ("colour", "count"):
         ask(client, ASKING, task, [typed("ask", qa(scenes[2], kind).question)])
     assert counted["vision"] == 2  # no cache: every question encodes the image
     monkeypatch.setenv("EMBEDDING_CACHE_MB", "64")
-    assert Settings.from_env().embedding_cache_mb == 64 and EmbeddingCache.from_env().max_bytes == 64 << 20
+    assert Settings.from_env().embedding_cache_mb == 64 and mb_from_env() == 64
     monkeypatch.setenv("EMBEDDING_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="EMBEDDING_CACHE_MB"):
         Settings.from_env()

@@ -19,6 +19,7 @@ from PIL import Image
 from templates import CAPTIONING
 
 from backend.runtime.blip import Blip
+from backend.runtime.memory import status_mib
 from backend.server.app import Settings, create_app
 from model_build.tiny_blip.synthetic import HELD_OUT_SEED, make_scenes
 
@@ -67,13 +68,6 @@ def test_warm_up_gives_back_the_weight_files_and_changes_no_answer(tiny_dir: Pat
     assert outputs(warm, scenes) == expected  # new batch sizes and question lengths after the release
 
 
-def status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def test_camera_photos_are_held_at_the_models_input_size(blip: Blip) -> None:
     """A /predict of 16 12-MP photos (36 MB each decoded) holds each at the vision encoder's input size
     until it is encoded, instead of all 16 at full size (576 MB), and predicts what the model makes of
@@ -91,9 +85,9 @@ def test_camera_photos_are_held_at_the_models_input_size(blip: Blip) -> None:
     body = {"tasks": tasks, "label_config": CAPTIONING, "project": "1"}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: the peak from here on
-    before = status_kib("VmRSS")
+    before = status_mib("VmRSS")
     response = client.post("/predict", json=body)
-    grew_mib = (status_kib("VmHWM") - before) >> 10
+    grew_mib = round(status_mib("VmHWM") - before)
     assert response.status_code == 200
     got = [entry["result"][0]["value"]["text"][0] for entry in response.get_json()["results"]]
     # measured: ~240 MiB (four photos decoded at a time, FETCH_THREADS); 865 MiB when all 16 were held

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from backend.annotate.predict import FETCH_THREADS
 from backend.runtime.blip import Batches, Blip
 from backend.runtime.env import positive_int
-from backend.runtime.memory import resident_mib
+from backend.runtime.memory import status_mib
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def fit(blip: Blip, budget_mb: int | None, cache_mb: int) -> int:
     cache's MiB. Call it once the model is loaded and warmed up: the RSS then is what it holds for good."""
     if budget_mb is None:
         return cache_mb
-    loaded = resident_mib()
+    loaded = status_mib("VmRSS")
     if loaded is None:
         log.warning("%s=%d is ignored: this system does not report the process's memory", ENV, budget_mb)
         return cache_mb

@@ -1,6 +1,6 @@
 """What the vision encoders made of each image, kept for the next request about it: bounded, LRU.
 
-    cache = EmbeddingCache.from_env()                     # EMBEDDING_CACHE_MB (default 256; 0 turns it off)
+    cache = EmbeddingCache(mb_from_env() << 20)           # EMBEDDING_CACHE_MB (default 256; 0 turns it off)
     cache.put(model, digest, "embeds", embeddings)        # [1, S, E] of one image
     cache.get(model, digest, "embeds")                    # the same array, or None
 
@@ -48,6 +48,11 @@ class CacheStats:
     evictions: int = 0
 
 
+def mb_from_env() -> int:
+    """EMBEDDING_CACHE_MB from the environment: a whole number of MiB, 0 to turn the cache off."""
+    return whole(ENV, DEFAULT_MB)
+
+
 class EmbeddingCache:
     def __init__(self, max_bytes: int = DEFAULT_MB << 20, max_images: int = MAX_IMAGES) -> None:
         self.max_bytes = max(0, int(max_bytes))
@@ -58,11 +63,6 @@ class EmbeddingCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self.stats = CacheStats()
-
-    @classmethod
-    def from_env(cls) -> EmbeddingCache:
-        """EMBEDDING_CACHE_MB from the environment: a whole number of MiB, 0 to turn the cache off."""
-        return cls(whole(ENV, DEFAULT_MB) << 20)
 
     @property
     def nbytes(self) -> int:

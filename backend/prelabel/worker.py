@@ -8,7 +8,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from backend.annotate import budget
+from backend.annotate import budget, cache
 from backend.annotate.cache import EmbeddingCache
 from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
@@ -59,7 +59,7 @@ class BatchWorker:
         self.job, self.name = job, name
         # images shared by tasks of different batches (VQA projects: many questions, one image) are
         # fetched and encoded once while their embeddings stay in the cache (EMBEDDING_CACHE_MB)
-        cache_mb = budget.fit(blip, budget.from_env(), EmbeddingCache.from_env().max_bytes >> 20)
+        cache_mb = budget.fit(blip, budget.from_env(), cache.mb_from_env())
         self.predictor = Predictor(blip, chunk=job.batch, cache=EmbeddingCache(cache_mb << 20))
         self.model_version = self.predictor.model_version
         self.plan = plan(job.label_config, tuple(blip.tasks))

@@ -75,12 +75,13 @@ def release_mapped_files(files: Iterable[str | Path]) -> int:
     return released
 
 
-def resident_mib() -> float | None:
-    """This process's resident memory (VmRSS), MiB; None where /proc is not there."""
+def status_mib(field: str = "VmRSS") -> float | None:
+    """A memory figure of this process from /proc/self/status, MiB (VmRSS: resident now; VmHWM: its peak);
+    None where /proc is not there."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

@@ -23,15 +23,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from backend.annotate import budget, interactive
 from backend.annotate.cache import DEFAULT_MB as EMBEDDING_CACHE_MB
-from backend.annotate.cache import ENV as EMBEDDING_CACHE
-from backend.annotate.cache import EmbeddingCache
+from backend.annotate.cache import EmbeddingCache, mb_from_env
 from backend.annotate.fetch import ENV as ALLOWED_IMAGE_HOSTS
 from backend.annotate.fetch import FetchPolicy
 from backend.annotate.images import ImageLoader
 from backend.annotate.labeling import ConfigError, plan
 from backend.annotate.predict import Predictor
 from backend.runtime.blip import Blip
-from backend.runtime.env import positive_int, whole
+from backend.runtime.env import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class Settings:
             basic_auth_pass=env("BASIC_AUTH_PASS") or None,
             allowed_image_hosts=env(ALLOWED_IMAGE_HOSTS) or "",
             max_request_mb=positive_int("MAX_REQUEST_MB") or MAX_REQUEST_MB,
-            embedding_cache_mb=whole(EMBEDDING_CACHE, EMBEDDING_CACHE_MB),
+            embedding_cache_mb=mb_from_env(),
             memory_budget_mb=budget.from_env(),
         )
 

@@ -34,7 +34,6 @@ import io
 import itertools
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -49,8 +48,11 @@ import requests
 from PIL.PngImagePlugin import PngInfo
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: bench/ is sys.path[0], the project is not
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "bench"):  # run as a script the project is not on sys.path, imported bench/ is not
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from machine import machine  # noqa: E402
 
 from backend.annotate.images import TIMEOUT as DOWNLOAD_TIMEOUT  # noqa: E402
 from model_build.tiny_blip.synthetic import HELD_OUT_SEED, make_scenes  # noqa: E402
@@ -583,24 +585,6 @@ def build_tiny(out: Path) -> Path:
             [sys.executable, "-m", "model_build", "tiny", "-o", str(out), "--force"], cwd=REPO, check=True
         )
     return out
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_avg_at_start": load,
-        "python": platform.python_version(),
-    }
 
 
 def report(r: dict) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -46,6 +45,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import machine  # noqa: E402
 from workload import ASK_CONFIG, QUESTIONS, TASK_CONFIG, data_uri, random_image  # noqa: E402
 
 from backend.runtime.blip import Blip  # noqa: E402
@@ -274,35 +274,6 @@ def _typed(question: str) -> dict:
 
 
 # -- the run ---------------------------------------------------------------------------------------
-
-
-def cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    fields: dict[str, str] = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def machine() -> dict[str, object]:
-    """The CPU model and its flags (what OpenVINO's kernels choose from: avx512_vnni, avx512_bf16,
-    amx_*, ...), core count and package versions: every ratio in results.json belongs to this machine."""
-    from importlib.metadata import version
-
-    info = cpuinfo()
-    return {
-        "cpu": info.get("model name") or platform.processor(),
-        "cpu_flags": info.get("flags") or info.get("Features") or "",  # x86 / ARM
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        **{p: version(p) for p in ("openvino", "nncf", "torch", "transformers")},
-    }
 
 
 def table(results: dict) -> str:

@@ -109,3 +109,21 @@ def test_memory_breakdown_measures_each_step_of_a_worker(tmp_path: Path, tiny_di
     for row in rows.values():
         assert row["VmHWM"] >= row["VmRSS"] > 0 and row["RssAnon"] + row["RssFile"] <= row["VmRSS"] + 1
     assert rows["/predict 2: 3 tasks"]["VmRSS"] > rows["python"]["VmRSS"] + 50  # the model is in there
+
+
+def test_throughput_compares_layouts_and_compile_options_side_by_side(tmp_path: Path, tiny_dir):
+    out = tmp_path / "throughput.json"
+    cmd = [sys.executable, str(REPO / "bench" / "throughput.py"), str(tiny_dir), "--out", str(out)]
+    cmd += ["--only", "streams2,two_processes", "--tasks", "4", "--rounds", "1"]
+    run = subprocess.run([*cmd, "--repeats", "2"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    variants = results["variants"]
+    assert list(variants) == ["streams2", "two_processes"]
+    for v in variants.values():
+        assert len(v["tasks_per_s"]) == 2 and all(x > 0 for x in v["tasks_per_s"])  # one per repeat
+        assert all(x > 0 for x in v["vision"] + v["captions"] + v["answers"] + v["follow_up"])
+    # each variant's compile options and threads reached OpenVINO
+    assert variants["streams2"]["settings"]["NUM_STREAMS"] == 2
+    assert variants["two_processes"]["settings"] == {"NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": 1}
+    assert results["machine"]["cpu"] and "| variant |" in run.stdout

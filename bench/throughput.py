@@ -3,6 +3,7 @@ side by side on the same tasks.
 
     .venv/bin/python bench/throughput.py .cache/bench/model            # every variant, 2 rounds
     .venv/bin/python bench/throughput.py DIR --only default,dq_off --rounds 3
+    .venv/bin/python bench/throughput.py DIR OTHER_DIR --only default    # two builds side by side
 
 Every variant runs in fresh processes (its threads and compile options apply from the first compile),
 loads the model the way a worker does (Blip, then warm_up), then runs --tasks pre-labeling tasks
@@ -177,7 +178,7 @@ def measure(name: str, model_dir: Path, tasks: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", type=Path, nargs="?")
+    p.add_argument("model_dirs", type=Path, nargs="*", help="model directories: each variant runs on each")
     p.add_argument(
         "--only",
         help=f"comma-separated variants (default: {','.join(DEFAULT_RUN)}; all: {','.join(VARIANTS)})",
@@ -191,28 +192,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
-    if args.model_dir is None:
+    if not args.model_dirs:
         p.error("a model directory is needed (bench/run.py builds the full-size one in .cache/bench/model)")
     names = args.only.split(",") if args.only else list(DEFAULT_RUN)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"no variant {', '.join(unknown)} (there are: {', '.join(VARIANTS)})")
 
-    runs: dict[str, dict[str, list]] = {}
+    several = len(args.model_dirs) > 1
+    rows = {(f"{n}@{d.name}" if several else n): (n, d) for d in args.model_dirs for n in names}
+    runs: dict[str, dict] = {}
     for r in range(args.rounds):
-        for name in names:
-            print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            got = measure(name, args.model_dir, args.tasks, args.repeats)
-            mine = runs.setdefault(name, {"settings": got.pop("settings")})
-            got.pop("settings", None)
+        for key, (name, model_dir) in rows.items():
+            print(f"round {r + 1}/{args.rounds}: {key}", file=sys.stderr, flush=True)
+            got = measure(name, model_dir, args.tasks, args.repeats)
+            about = VARIANTS[name].about + (f" [{model_dir.name}]" if several else "")
+            mine = runs.setdefault(
+                key, {"about": about, "model_dir": str(model_dir), "settings": got["settings"]}
+            )
             for k, values in got.items():
-                mine.setdefault(k, []).extend(values)
+                if k != "settings":
+                    mine.setdefault(k, []).extend(values)
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
-        "model_dir": str(args.model_dir),
         "tasks": args.tasks,
-        "variants": {n: {"about": VARIANTS[n].about, **runs[n]} for n in names},
+        "variants": runs,
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

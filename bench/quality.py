@@ -86,6 +86,8 @@ def measure(checkpoint: str, work: Path, scenes: list, build_args: list[str]) ->
                 for s in control["stages"]
                 if s["kept_fp16"] or s["reverted"]
             ],
+            # what the weight-only parts shipped in: `auto` chooses among INT4, INT8 and FP16
+            "weights": {s["part"]: s["weights"] for s in control["stages"] if s.get("weights")},
         }
     return {"questions": len(truth), "scenes": len(scenes), "rows": rows}
 
@@ -93,8 +95,8 @@ def measure(checkpoint: str, work: Path, scenes: list, build_args: list[str]) ->
 def table(results: dict) -> str:
     lines = [
         "| model | build | answers equal to PyTorch | exact-match accuracy | captions equal to PyTorch "
-        "| served | put back in float | build s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| served | put back in float | decoder weights | build s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, r in results["models"].items():
         for name, row in r["rows"].items():
@@ -106,6 +108,7 @@ def table(results: dict) -> str:
                 f"{row['captions_equal']:.1%}" if "captions_equal" in row else "(reference)",
                 ("yes" if row["served"] else "NO: FP16 is") if "served" in row else "",
                 ", ".join(row.get("reverted", [])) or ("nothing" if "served" in row else ""),
+                row.get("weights", {}).get("decoder", ""),
                 f"{row['build_s']:.0f}" if row.get("build_s") else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")

@@ -1,7 +1,7 @@
 """How to spend the cores on /predict's work: process and thread layouts, OpenVINO options and batch sizes,
 side by side on the same tasks.
 
-    .venv/bin/python bench/throughput.py .cache/bench/model            # every variant, 2 rounds
+    .venv/bin/python bench/throughput.py .cache/bench/model --precision int8    # the defaults, 2 rounds
     .venv/bin/python bench/throughput.py DIR --only default,dq_off --rounds 3
     .venv/bin/python bench/throughput.py DIR OTHER_DIR --only default    # two builds side by side
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,8 @@ class Variant:
     threads: int | None = None  # INFERENCE_THREADS (None: OpenVINO's, every core)
     config: dict = field(default_factory=dict)  # OpenVINO compile options on top of ov_config's
     batches: dict = field(default_factory=dict)  # Batches fields (backend/runtime/blip.py)
+    # the decoder's weights compressed again from the FP16 decoder (model_build.quantize.Rung's fields)
+    decoder: dict = field(default_factory=dict)
 
 
 VARIANTS = {
@@ -62,6 +65,12 @@ VARIANTS = {
         "DYNAMIC_QUANTIZATION_GROUP_SIZE=0 (off)", config={"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
     ),
     "dq_128": Variant("DYNAMIC_QUANTIZATION_GROUP_SIZE=128", config={"DYNAMIC_QUANTIZATION_GROUP_SIZE": 128}),
+    "int4": Variant(
+        "decoder weights INT4 (the first rung of blip-build's --weights auto)", decoder={"mode": "int4_asym"}
+    ),
+    "int4_half": Variant(
+        "decoder weights half INT4, half INT8 (NNCF ratio 0.5)", decoder={"mode": "int4_asym", "ratio": 0.5}
+    ),
     "batch_1111": Variant(
         "batches vision 1, caption 1 (budget's smallest)", batches={"vision": 1, "caption": 1}
     ),
@@ -87,12 +96,28 @@ def child(spec: dict) -> None:
     from backend.runtime.blip import Batches, Blip
     from backend.runtime.memory import status_mib
 
+    # the replies get stdout to themselves: what libraries print there (NNCF's progress) goes to stderr
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
     extra = spec["config"]
     if extra:  # the compile options of this variant, on top of the backend's own
         ov_config = blip_module.ov_config
         blip_module.ov_config = lambda *a, **k: {**ov_config(*a, **k), **extra}
-    blip = Blip(spec["model_dir"], threads=spec["threads"])
+    blip = Blip(spec["model_dir"], precision=spec["precision"], threads=spec["threads"])
     blip.use(Batches(**spec["batches"]))
+    if spec["decoder"]:  # compressed here, before the clock starts
+        import openvino as ov
+
+        from model_build.quantize import Rung, compress
+
+        fp16_decoder = ov.Core().read_model(blip.manifest.part_xml("fp16", "decoder"))
+        decoder = compress(fp16_decoder, Rung(**spec["decoder"]))
+        compiled = ov.Core().compile_model(
+            decoder, "CPU", blip_module.ov_config("CPU", spec["threads"], None)
+        )
+        blip = blip.with_parts({"decoder": compiled})
     blip.warm_up()
     side = blip.image_settings["height"]
     images = [random_image(side, seed=i) for i in range(spec["tasks"])]
@@ -115,7 +140,7 @@ def child(spec: dict) -> None:
         return {"vision": t1 - t0, "captions": t2 - t1, "answers": t3 - t2}
 
     halves = [images[i :: spec["python_threads"]] for i in range(spec["python_threads"])]
-    print(json.dumps({"ready": True, "settings": settings}), flush=True)
+    print(json.dumps({"ready": True, "settings": settings}), file=replies, flush=True)
     with ThreadPoolExecutor(len(halves)) as pool:
         for _ in sys.stdin:
             t0 = time.perf_counter()
@@ -128,16 +153,16 @@ def child(spec: dict) -> None:
             follow_up = time.perf_counter() - t1
             run = {"wall": wall, "follow_up": follow_up, **stages[0]}
             run["peak_over_warm_mib"] = status_mib("VmHWM") - warm
-            print(json.dumps(run), flush=True)
+            print(json.dumps(run), file=replies, flush=True)
 
 
 # -- the parent ---------------------------------------------------------------------------------------
 
 
-def measure(name: str, model_dir: Path, tasks: int, repeats: int) -> dict:
+def measure(name: str, model_dir: Path, precision: str, tasks: int, repeats: int) -> dict:
     """One round of a variant: its processes started together, `repeats` runs in step."""
     v = VARIANTS[name]
-    spec = {**asdict(v), "model_dir": str(model_dir), "tasks": tasks // v.processes}
+    spec = {**asdict(v), "model_dir": str(model_dir), "precision": precision, "tasks": tasks // v.processes}
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -183,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         help=f"comma-separated variants (default: {','.join(DEFAULT_RUN)}; all: {','.join(VARIANTS)})",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="int8, fp16 or auto (what the model directory serves; a random-"
+        "weight build serves FP16, its INT8 failing the gate by chance)",
+    )
     p.add_argument("--tasks", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="runs per variant and round")
     p.add_argument("--rounds", type=int, default=2)
@@ -205,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for key, (name, model_dir) in rows.items():
             print(f"round {r + 1}/{args.rounds}: {key}", file=sys.stderr, flush=True)
-            got = measure(name, model_dir, args.tasks, args.repeats)
+            got = measure(name, model_dir, args.precision, args.tasks, args.repeats)
             about = VARIANTS[name].about + (f" [{model_dir.name}]" if several else "")
             mine = runs.setdefault(
                 key, {"about": about, "model_dir": str(model_dir), "settings": got["settings"]}
@@ -217,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "tasks": args.tasks,
+        "precision": args.precision,
         "variants": runs,
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -81,13 +81,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", action="append", default=[], metavar="REGEX", help="keep matching nodes in FP")
     q.add_argument(
         "--weights",
-        default="int8_asym",
-        choices=["int8_asym", "int8_sym", "int4_asym", "int4_sym"],
-        help="decoder weight compression (default int8_asym)",
+        default="auto",
+        choices=["auto", "int8_asym", "int8_sym", "int4_asym", "int4_sym"],  # quantize.WEIGHT_MODES
+        help="weight compression of the decoder and cross_kv (default auto: under accuracy control the "
+        "decoder in INT4 if the pipeline holds the aim, else half INT4, else INT8, else FP16; INT8 "
+        "without it)",
     )
     q.add_argument("--group-size", type=int, help="INT4 group size (default 128)")
     q.add_argument(
-        "--ratio", type=float, help="INT4: share of decoder layers in INT4, the rest INT8 (default 1.0)"
+        "--ratio", type=float, help="INT4: share of the decoder's layers in INT4, the rest INT8 (default 1.0)"
     )
     q.add_argument(
         "--target-agreement",

@@ -6,9 +6,10 @@ final held-out gate does not see. Each stage keeps it at or above `aim(target)`,
 disagreement the target allows, so that the held-out gate, on other images, still clears the target.
 In pipeline order:
 
-1. The weight-only parts (cross_kv, decoder) are compressed and measured with the encoders in FP16. A
-   part whose compression alone misses the aim stays FP16: NNCF's INT8 weight compression has no finer
-   lever (ratio and sensitivity apply to its 4-bit modes only).
+1. The weight-only parts (cross_kv, decoder) are compressed and measured with the encoders in FP16, each
+   down a ladder from its fastest compression to FP16 (the decoder: INT4, half INT4, INT8, FP16; see
+   model_build/quantize.py): while the pipeline misses the aim, the part whose step down restores the
+   most agreement takes it.
 2. The vision encoder, then the question encoder's two parts, go through NNCF's
    `quantize_with_accuracy_control`, whose validation function runs the whole pipeline with the
    candidate part plugged in. When plain INT8 already reaches the aim this costs two validations.
@@ -63,6 +64,8 @@ class Stage:
     final: float | None = None  # ... after accuracy control
     reverted: list[dict[str, Any]] = field(default_factory=list)  # operations put back in float
     kept_fp16: bool = False  # the whole part stays FP16
+    weights: str | None = None  # weight-only parts: the compression shipped ("int4_asym", ..., "fp16")
+    speed_ms: dict[str, float] = field(default_factory=dict)  # the decoder's rungs timed on the build's CPU
     validations: int = 0
     seconds: float = 0.0
 
@@ -101,36 +104,55 @@ class Control:
 
     # -- weight-only parts ---------------------------------------------------------------------
 
-    def weight_only(self, compressed: dict[str, Path], fp16: dict[str, Path]) -> dict[str, Path]:
-        """Keeps the compressed parts that the pipeline tolerates; returns part -> the xml to ship."""
+    def weight_only(
+        self, ladders: dict[str, list[tuple[str, Path]]], speed_ms: dict[str, dict[str, float]] | None = None
+    ) -> dict[str, Path]:
+        """Chooses each weight-only part's compression: `ladders[part]` lists (mode, xml) from the
+        fastest to FP16. Every part starts on its first rung; while the pipeline misses the aim, the part
+        whose step down restores the most agreement steps down one rung. Returns part -> the xml to ship.
+        `speed_ms`: what each rung's speed was measured at, for the report."""
         t0 = time.perf_counter()
-        stages = {p: Stage(p, "weight compression") for p in compressed}
-        chosen = dict(compressed)
-        candidates = {p: self.compile(x) for p, x in compressed.items()}
-        value = self.measure(candidates).value
+        stages = {p: Stage(p, "weight compression") for p in ladders}
+        rung = dict.fromkeys(ladders, 0)
+        compiled: dict[tuple[str, int], ov.CompiledModel] = {}
+
+        def candidates(at: dict[str, int]) -> dict[str, ov.CompiledModel]:
+            chosen = {}
+            for p, i in at.items():
+                if i < len(ladders[p]) - 1:  # the last rung is FP16: the pipeline's own part
+                    if (p, i) not in compiled:
+                        compiled[p, i] = self.compile(ladders[p][i][1])
+                    chosen[p] = compiled[p, i]
+            return chosen
+
+        def named(at: dict[str, int]) -> str:
+            return ", ".join(f"{p} {ladders[p][i][0]}" for p, i in at.items())
+
+        value = self.measure(candidates(rung)).value
         for stage in stages.values():
             stage.plain = value
         validations = 1
-        _log(f"      weight-only parts ({', '.join(compressed)}): agreement {value:.1%} (aim {self.aim:.1%})")
-        while value < self.aim and candidates:
-            # put back in FP16 the part whose compression costs the most
-            tried = {
-                p: self.measure({q: c for q, c in candidates.items() if q != p}).value for p in candidates
-            }
+        _log(f"      weight-only parts ({named(rung)}): agreement {value:.1%} (aim {self.aim:.1%})")
+        while value < self.aim and any(rung[p] < len(ladders[p]) - 1 for p in ladders):
+            steps = {p: {**rung, p: rung[p] + 1} for p in ladders if rung[p] < len(ladders[p]) - 1}
+            tried = {p: self.measure(candidates(at)).value for p, at in steps.items()}
             validations += len(tried)
-            worst = max(tried, key=tried.__getitem__)
-            del candidates[worst]
-            chosen[worst] = fp16[worst]
-            stages[worst].kept_fp16 = True
-            value = tried[worst]
-            _log(f"      {worst} stays FP16: agreement {value:.1%}")
-        for p, c in candidates.items():
+            # on a tie, a step to another compression before one to FP16: a decoder back in INT8 keeps
+            # cross_kv's INT8 speed, where cross_kv in FP16 runs its 577 tokens per image in float
+            best = max(tried, key=lambda p: (tried[p], steps[p][p] < len(ladders[p]) - 1))
+            rung, value = steps[best], tried[best]
+            each = ", ".join(f"{named({p: steps[p][p]})} {v:.1%}" for p, v in tried.items())
+            _log(f"      one step down: {each}; taken: {named({best: rung[best]})}")
+        for p, c in candidates(rung).items():
             self.fix(p, c)
-        for stage in stages.values():
+        for p, stage in stages.items():
+            stage.weights = ladders[p][rung[p]][0]
+            stage.speed_ms = (speed_ms or {}).get(p, {})
+            stage.kept_fp16 = rung[p] == len(ladders[p]) - 1
             stage.final, stage.validations = value, validations
             stage.seconds = time.perf_counter() - t0
         self.stages += stages.values()
-        return chosen
+        return {p: ladders[p][i][1] for p, i in rung.items()}
 
     # -- fully quantized parts -----------------------------------------------------------------
 

@@ -21,16 +21,47 @@ import nncf
 import numpy as np
 import openvino as ov
 from nncf.quantization.advanced_parameters import (
+    AdvancedCompressionParameters,
     AdvancedQuantizationParameters,
     AdvancedSmoothQuantParameters,
+    GroupSizeFallbackMode,
 )
+from PIL import Image
 
 from backend.runtime.blip import Blip, encode_images, ov_config
 from backend.runtime.preprocess import pixel_values
 from model_build.accuracy import TARGET_AGREEMENT, Control
 from model_build.calibration import Sample
 
-WEIGHT_MODES = ("int8_asym", "int8_sym", "int4_asym", "int4_sym")
+WEIGHT_MODES = ("auto", "int8_asym", "int8_sym", "int4_asym", "int4_sym")
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One weight compression of a part: NNCF's mode, and for INT4 the share of layers in INT4."""
+
+    mode: str
+    ratio: float | None = None
+
+    @property
+    def int4(self) -> bool:
+        return self.mode.startswith("int4")
+
+    def __str__(self) -> str:
+        return self.mode if self.ratio is None else f"{self.mode} (ratio {self.ratio:g}, the rest INT8)"
+
+
+# `auto`, under accuracy control: each weight-only part's compressions, tried in turn from the fastest
+# (model_build/accuracy.py). The decoder's step reads all of its weights for a few tokens' work, so INT4
+# can make it faster; whether it does depends on the CPU, so its rungs are timed on the build's CPU and
+# ordered by that (`by_speed`). Between INT4 and INT8, NNCF's mixed precision: half the decoder's layers
+# in INT4 (those whose weights lose least to it), the rest INT8. cross_kv runs once per image over its 577
+# tokens, bound by compute, where INT4 weights gain nothing.
+AUTO_LADDERS: dict[str, tuple[Rung, ...]] = {
+    "decoder": (Rung("int4_asym"), Rung("int4_asym", 0.5), Rung("int8_asym")),
+    "cross_kv": (Rung("int8_asym"),),
+}
+PLAIN_AUTO = Rung("int8_asym")  # `auto` without accuracy control: nothing measures what INT4 would cost
 STATISTICS_PRECISIONS = ("f32", "bf16")
 
 
@@ -48,7 +79,7 @@ class QuantSettings:
     subset_size: int = 300
     smooth_quant_alpha: float = 0.95  # NNCF's transformer default for MatMul; negative disables SmoothQuant
     ignored_scope: tuple[str, ...] = ()  # regex patterns of node names kept in full precision
-    weights: str = "int8_asym"  # decoder weight compression mode
+    weights: str = "auto"  # weight-only parts' compression (cross_kv, decoder)
     group_size: int | None = None  # INT4 only (NNCF default 128)
     ratio: float | None = None  # INT4 only: share of layers in INT4, the rest INT8 (NNCF default 1.0)
     target_agreement: float = TARGET_AGREEMENT  # what accuracy control holds (model_build/accuracy.py)
@@ -59,8 +90,11 @@ class QuantSettings:
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}, not {self.weights!r}")
-        if not self.weights.startswith("int4") and (self.group_size is not None or self.ratio is not None):
+        int4 = self.weights.startswith("int4") or self.weights == "auto"
+        if not int4 and (self.group_size is not None or self.ratio is not None):
             raise ValueError("group size and ratio apply to INT4 weight modes only")
+        if self.weights == "auto" and self.ratio is not None:
+            raise ValueError("a ratio applies to an INT4 weight mode: auto tries ratios 1 and 0.5 itself")
         if self.subset_size < 1:
             raise ValueError("subset size must be at least 1")
         if not 0.0 < self.target_agreement <= 1.0:
@@ -161,23 +195,35 @@ def quantize_parts(
     weight_only = [name for name in fp16 if name not in Calibration.PARTS]
     steps = [*weight_only, *(name for name in Calibration.PARTS if name in fp16)]
     heads = {name: f"      {i}/{len(steps)} {name}:" for i, name in enumerate(steps, 1)}
-    compressed = {}
-    for name in weight_only:
+    ladders = {name: weight_modes(name, settings) for name in weight_only}
+    shipped: dict[str, list[tuple[str, Path]]] = {}
+    for name, rungs in ladders.items():
         t0 = time.perf_counter()
-        _log(f"{heads[name]} compressing weights ({settings.weights})")
-        model = nncf.compress_weights(
-            core.read_model(fp16[name]),
-            mode=nncf.CompressWeightsMode(settings.weights),
-            group_size=settings.group_size,
-            ratio=settings.ratio,
-            ignored_scope=_ignored(settings),
-        )
-        compressed[name] = _save(model, int8_dir / f"{name}.xml")
+        _log(f"{heads[name]} compressing weights ({', then '.join(map(str, rungs))})")
+        shipped[name] = []
+        for i, rung in enumerate(rungs):
+            model = compress(core.read_model(fp16[name]), rung, settings.group_size, _ignored(settings))
+            shipped[name].append((str(rung), _save(model, int8_dir / f"{name}.rung{i}.xml")))
         _log(f"{' ' * len(heads[name])} done in {time.perf_counter() - t0:.1f} s")
-    if compressed and settings.accuracy_control:
-        for name, xml in control.weight_only(compressed, fp16).items():
-            if xml == fp16[name]:  # kept in FP16: the INT8 build holds its own copy
-                _save(core.read_model(xml), int8_dir / f"{name}.xml")
+    written = [xml for rungs in shipped.values() for _, xml in rungs]
+    chosen = {name: rungs[0][1] for name, rungs in shipped.items()}
+    if ladders and settings.accuracy_control:
+        speed_ms = {}
+        if len(shipped.get("decoder", [])) > 1:
+            shipped["decoder"], speed_ms["decoder"] = by_speed(control.fp16, shipped["decoder"])
+        chosen = control.weight_only(
+            {name: [*rungs, ("fp16", fp16[name])] for name, rungs in shipped.items()},
+            speed_ms,
+        )
+    for name, xml in chosen.items():  # the INT8 build holds its own copy of each part, FP16 ones too
+        if xml.parent == int8_dir:
+            for suffix in (".xml", ".bin"):
+                xml.with_suffix(suffix).replace(int8_dir / f"{name}{suffix}")
+        else:
+            _save(core.read_model(xml), int8_dir / f"{name}.xml")
+    for xml in written:  # the rungs not taken
+        xml.unlink(missing_ok=True)
+        xml.with_suffix(".bin").unlink(missing_ok=True)
     for name in steps[len(weight_only) :]:
         t0 = time.perf_counter()
         dataset, n, unit = calibration.dataset(name)
@@ -198,6 +244,68 @@ def quantize_parts(
         _save(model, int8_dir / f"{name}.xml")
         _log(f"{' ' * len(heads[name])} done in {time.perf_counter() - t0:.1f} s")
     return {name: {"files": [int8_dir / f"{name}.xml", int8_dir / f"{name}.bin"]} for name in fp16}
+
+
+def compress(
+    model: ov.Model, rung: Rung, group_size: int | None = None, ignored: nncf.IgnoredScope | None = None
+) -> ov.Model:
+    """A weight-only part's weights compressed as `rung` says (NNCF's compress_weights)."""
+    return nncf.compress_weights(
+        model,
+        mode=nncf.CompressWeightsMode(rung.mode),
+        group_size=group_size if rung.int4 else None,
+        ratio=rung.ratio,
+        ignored_scope=ignored,
+        # a layer whose width the group size does not divide (a small checkpoint's 96 channels) takes
+        # the largest power of two that does, down to 32, or INT8, instead of failing
+        advanced_parameters=AdvancedCompressionParameters(
+            group_size_fallback_mode=GroupSizeFallbackMode.ADJUST
+        )
+        if rung.int4
+        else None,
+    )
+
+
+SPEED_TOKENS, SPEED_RUNS = 10, 5
+
+
+def by_speed(fp16: Blip, rungs: list[tuple[str, Path]]) -> tuple[list[tuple[str, Path]], dict[str, float]]:
+    """The decoder's rungs that decode as fast as the last one (INT8) or faster on this CPU, fastest first,
+    and every rung's ms (median of SPEED_RUNS: 10 tokens for one image, then for four decoded together). INT4
+    is not faster everywhere: 25% faster than INT8 per step at batch 1 on a CPU with AVX-512 VNNI, 20%
+    slower on one with AVX2 only (full-size, 2 cores), where unpacking 4-bit weights costs more than it
+    saves in memory reads."""
+    task = "caption" if "caption" in fp16.generation and fp16.captioner is fp16 else "answer"
+    size = fp16.image_settings["width"], fp16.image_settings["height"]
+    embeds = fp16.encode([Image.new("RGB", size)] * 4)
+    tokens = {"min_new_tokens": SPEED_TOKENS, "max_new_tokens": SPEED_TOKENS}
+    timed = []
+    for rung, xml in rungs:
+        blip = fp16.with_parts({"decoder": ov.Core().compile_model(xml, "CPU", ov_config("CPU", None, None))})
+        runs = []
+        for i in range(SPEED_RUNS + 1):  # the first run allocates: not counted
+            t0 = time.perf_counter()
+            for n in (1, 4):
+                if task == "caption":
+                    blip.caption(embeds[:n], **tokens)
+                else:
+                    blip.answer(embeds[:n], [["what is it?"]] * n, **tokens)
+            if i:
+                runs.append((time.perf_counter() - t0) * 1000)
+        timed.append((rung, xml, float(np.median(runs))))
+    _log("      decoder on this CPU: " + ", ".join(f"{rung} {ms:.0f} ms" for rung, _, ms in timed))
+    fastest_first = sorted(timed, key=lambda t: t[2])
+    kept = [(rung, xml) for rung, xml, ms in fastest_first if ms <= timed[-1][2]]
+    return kept, {rung: ms for rung, _, ms in timed}
+
+
+def weight_modes(part: str, settings: QuantSettings) -> tuple[Rung, ...]:
+    """The compressions tried for a weight-only part, fastest first."""
+    if settings.weights != "auto":
+        return (Rung(settings.weights, settings.ratio),)
+    if not settings.accuracy_control:
+        return (PLAIN_AUTO,)
+    return AUTO_LADDERS.get(part, (PLAIN_AUTO,))
 
 
 @contextmanager

@@ -90,6 +90,8 @@ def control_lines(control: dict[str, Any]) -> list[str]:
     for stage in control["stages"]:
         if stage["kept_fp16"]:
             what = "the whole part (FP16)"
+        elif stage.get("weights"):
+            what = f"nothing; weights {stage['weights']}"
         elif stage["reverted"]:
             what = f"{len(stage['reverted'])} operation(s)"
         else:
@@ -97,6 +99,9 @@ def control_lines(control: dict[str, Any]) -> list[str]:
         plain = "" if stage["plain"] is None else f"{stage['plain']:.1%}"
         final = "" if stage["final"] is None else f"{stage['final']:.1%}"
         lines.append(f"  {stage['part']:<16}{plain:>8}{final:>9}  {what}")
+        if stage.get("speed_ms"):
+            timed = ", ".join(f"{rung} {ms:.0f} ms" for rung, ms in stage["speed_ms"].items())
+            lines.append(f"    10 tokens for 1 + 4 images on this CPU: {timed}")
         for op in stage["reverted"]:
             cost = "  (fused with other operations: no time of its own)"
             if op.get("float_us") is not None:

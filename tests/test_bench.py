@@ -114,12 +114,12 @@ def test_memory_breakdown_measures_each_step_of_a_worker(tmp_path: Path, tiny_di
 def test_throughput_compares_layouts_and_compile_options_side_by_side(tmp_path: Path, tiny_dir):
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, str(REPO / "bench" / "throughput.py"), str(tiny_dir), "--out", str(out)]
-    cmd += ["--only", "streams2,two_processes", "--tasks", "4", "--rounds", "1"]
+    cmd += ["--only", "streams2,two_processes,int4_half", "--tasks", "4", "--rounds", "1"]
     run = subprocess.run([*cmd, "--repeats", "2"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
     variants = results["variants"]
-    assert list(variants) == ["streams2", "two_processes"]
+    assert list(variants) == ["streams2", "two_processes", "int4_half"]  # int4_half: its decoder recompressed
     for v in variants.values():
         assert len(v["tasks_per_s"]) == 2 and all(x > 0 for x in v["tasks_per_s"])  # one per repeat
         assert all(x > 0 for x in v["vision"] + v["captions"] + v["answers"] + v["follow_up"])

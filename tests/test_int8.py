@@ -71,6 +71,26 @@ def test_report_and_manifest(int8_dir: Path):
         "text_encoder",
     ]
     assert {"caption_ms", "answer_ms"} <= set(report["latency"]["int8"])
+    # the weight-only parts ship the compression the report names (auto: the decoder tried in INT4 first)
+    for part in ("cross_kv", "decoder"):
+        types = weight_types(int8_dir / "int8" / f"{part}.xml")
+        shipped = stages[part]["weights"]
+        rungs = ("int4_asym", "int4_asym (ratio 0.5, the rest INT8)", "int8_asym", "fp16")
+        assert shipped in (rungs if part == "decoder" else rungs[2:]), shipped
+        assert ("u4" in types) == shipped.startswith("int4"), (part, shipped, types)
+        assert ("u8" in types) == (shipped != "fp16"), (part, shipped, types)
+
+
+def weight_types(xml: Path) -> set[str]:
+    """The element types of a part's constants (u4: INT4 weights, u8: INT8 weights)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(xml)
+    return {
+        op.get_output_element_type(0).get_type_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant"
+    }
 
 
 def accuracy_and_agreement(blips: dict[str, Blip], scenes) -> dict[str, float]:

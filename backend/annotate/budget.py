@@ -32,10 +32,10 @@ CHOICES = (
     Batches(vision=1, caption=1),
 )
 # In units of one image's cross-attention keys/values (Blip.kv_bytes, 42 MB full-size), measured on the
-# full-size model (bench/memory.py; peaks over 16-task requests): a request at batch 1 peaks ~7 units
-# over the RSS after loading (its embeddings, 20-token caption decoding, the question encoder, the
-# request body); one more image per vision call adds 0.6 units, per caption call 1.1, per question-
-# encoder call 2.2.
+# full-size model (peaks over 16 tasks: bench/throughput.py's batch_* variants; bench/memory.py for a
+# whole /predict): a request at batch 1 peaks ~7 units over the RSS after loading (its embeddings,
+# 20-token caption decoding, the question encoder, the request body); one more image per vision call
+# adds 0.6 units, per caption call 1.1, per question-encoder call 2.2.
 REQUEST = 7.0
 PER_IMAGE = {"vision": 0.6, "caption": 1.1, "kv_images": 2.2}
 PHOTO_MB = 36  # a 12-MP photo while it is decoded, before it is resized; FETCH_THREADS decode at once

@@ -1,7 +1,7 @@
 """How to spend the cores on /predict's work: process and thread layouts, OpenVINO options and batch sizes,
 side by side on the same tasks.
 
-    .venv/bin/python bench/throughput.py .cache/bench/model --precision int8    # the defaults, 2 rounds
+    .venv/bin/python bench/throughput.py .cache/bench/model --precision int8    # layouts, options: 2 rounds
     .venv/bin/python bench/throughput.py DIR --only default,dq_off --rounds 3
     .venv/bin/python bench/throughput.py DIR OTHER_DIR --only default    # two builds side by side
 

@@ -8,8 +8,8 @@ In pipeline order:
 
 1. The weight-only parts (cross_kv, decoder) are compressed and measured with the encoders in FP16, each
    down a ladder from its fastest compression to FP16 (the decoder: INT4, half INT4, INT8, FP16; see
-   model_build/quantize.py): while the pipeline misses the aim, the part whose step down restores the
-   most agreement takes it.
+   model_build/quantize.py): while the pipeline misses the aim, the part whose FP16 restores the most
+   agreement goes down its ladder to the first rung that holds it.
 2. The vision encoder, then the question encoder's two parts, go through NNCF's
    `quantize_with_accuracy_control`, whose validation function runs the whole pipeline with the
    candidate part plugged in. When plain INT8 already reaches the aim this costs two validations.
@@ -109,7 +109,8 @@ class Control:
     ) -> dict[str, Path]:
         """Chooses each weight-only part's compression: `ladders[part]` lists (mode, xml) from the
         fastest to FP16. Every part starts on its first rung; while the pipeline misses the aim, the part
-        whose step down restores the most agreement steps down one rung. Returns part -> the xml to ship.
+        whose FP16 restores the most agreement goes down its ladder to the first rung that holds the aim
+        (FP16 at worst). Returns part -> the xml to ship.
         `speed_ms`: what each rung's speed was measured at, for the report."""
         t0 = time.perf_counter()
         stages = {p: Stage(p, "weight compression") for p in ladders}
@@ -134,15 +135,26 @@ class Control:
         validations = 1
         _log(f"      weight-only parts ({named(rung)}): agreement {value:.1%} (aim {self.aim:.1%})")
         while value < self.aim and any(rung[p] < len(ladders[p]) - 1 for p in ladders):
-            steps = {p: {**rung, p: rung[p] + 1} for p in ladders if rung[p] < len(ladders[p]) - 1}
-            tried = {p: self.measure(candidates(at)).value for p, at in steps.items()}
-            validations += len(tried)
-            # on a tie, a step to another compression before one to FP16: a decoder back in INT8 keeps
-            # cross_kv's INT8 speed, where cross_kv in FP16 runs its 577 tokens per image in float
-            best = max(tried, key=lambda p: (tried[p], steps[p][p] < len(ladders[p]) - 1))
-            rung, value = steps[best], tried[best]
-            each = ", ".join(f"{named({p: steps[p][p]})} {v:.1%}" for p, v in tried.items())
-            _log(f"      one step down: {each}; taken: {named({best: rung[best]})}")
+            # which part costs the agreement: each compressed part in FP16 in turn, the others as they are
+            fp16 = {p: {**rung, p: len(ladders[p]) - 1} for p in ladders if rung[p] < len(ladders[p]) - 1}
+            without = {p: self.measure(candidates(at)).value for p, at in fp16.items()}
+            validations += len(without)
+            # on a tie, the part with more rungs left: a decoder back in INT8 keeps cross_kv's INT8 speed,
+            # where cross_kv in FP16 runs its 577 tokens per image in float
+            culprit = max(without, key=lambda p: (without[p], len(ladders[p]) - rung[p]))
+            each = ", ".join(f"{p} in FP16 {v:.1%}" for p, v in without.items())
+            _log(f"      {each}: {culprit} costs the most")
+            # its rungs below, in order, down to the first that holds the aim (FP16, measured above)
+            for i in range(rung[culprit] + 1, len(ladders[culprit])):
+                at = {**rung, culprit: i}
+                got = (
+                    without[culprit] if i == len(ladders[culprit]) - 1 else self.measure(candidates(at)).value
+                )
+                validations += i < len(ladders[culprit]) - 1
+                _log(f"      {named({culprit: i})}: agreement {got:.1%}")
+                if got >= self.aim or i == len(ladders[culprit]) - 1:
+                    rung, value = at, got
+                    break
         for p, c in candidates(rung).items():
             self.fix(p, c)
         for p, stage in stages.items():

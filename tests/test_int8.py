@@ -137,8 +137,9 @@ def test_accuracy_control_restores_what_plain_int8_breaks(
     err = capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     stages = {s["part"]: s for s in report["accuracy_control"]["stages"]}
-    # weight compression: the decoder's outlier weights cannot be compressed; it ships in FP16
-    assert stages["decoder"]["plain"] < 0.9 and stages["decoder"]["kept_fp16"]
+    # weight compression: the decoder's outlier weights cannot be compressed (no rung of its ladder holds
+    # the aim); it ships in FP16
+    assert stages["decoder"]["plain"] < 0.95 and stages["decoder"]["kept_fp16"]
     assert not stages["cross_kv"]["kept_fp16"] and stages["decoder"]["final"] >= 0.9975
     assert report["sizes"]["decoder"]["int8_bytes"] == report["sizes"]["decoder"]["fp16_bytes"]
     vision = stages["vision"]

@@ -46,7 +46,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import machine  # noqa: E402
-from workload import ASK_CONFIG, QUESTIONS, TASK_CONFIG, data_uri, random_image  # noqa: E402
+from workload import ANSWER_TOKENS, ASK_CONFIG, CAPTION_TOKENS, QUESTIONS, TASK_CONFIG, data_uri, random_image  # noqa: E402
 
 from backend.runtime.blip import Blip  # noqa: E402
 from model_build.calibration import synthetic  # noqa: E402
@@ -55,7 +55,6 @@ from model_build.quantize import QuantSettings  # noqa: E402
 from model_build.reference import caption_ids  # noqa: E402
 from model_build.report import median_ms  # noqa: E402
 
-CAPTION_TOKENS, ANSWER_TOKENS = 20, 10
 CONTENDERS = ("pytorch", "notebook", "notebook_style", "fp16", "int8")
 WORKLOADS = ("vision", "caption", "question", "task")
 

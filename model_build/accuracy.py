@@ -115,12 +115,13 @@ class Control:
         t0 = time.perf_counter()
         stages = {p: Stage(p, "weight compression") for p in ladders}
         rung = dict.fromkeys(ladders, 0)
+        last = {p: len(r) - 1 for p, r in ladders.items()}  # each ladder's FP16 rung
         compiled: dict[tuple[str, int], ov.CompiledModel] = {}
 
         def candidates(at: dict[str, int]) -> dict[str, ov.CompiledModel]:
             chosen = {}
             for p, i in at.items():
-                if i < len(ladders[p]) - 1:  # the last rung is FP16: the pipeline's own part
+                if i < last[p]:  # the last rung is FP16: the pipeline's own part
                     if (p, i) not in compiled:
                         compiled[p, i] = self.compile(ladders[p][i][1])
                     chosen[p] = compiled[p, i]
@@ -134,25 +135,23 @@ class Control:
             stage.plain = value
         validations = 1
         _log(f"      weight-only parts ({named(rung)}): agreement {value:.1%} (aim {self.aim:.1%})")
-        while value < self.aim and any(rung[p] < len(ladders[p]) - 1 for p in ladders):
+        while value < self.aim and any(rung[p] < last[p] for p in ladders):
             # which part costs the agreement: each compressed part in FP16 in turn, the others as they are
-            fp16 = {p: {**rung, p: len(ladders[p]) - 1} for p in ladders if rung[p] < len(ladders[p]) - 1}
+            fp16 = {p: {**rung, p: last[p]} for p in ladders if rung[p] < last[p]}
             without = {p: self.measure(candidates(at)).value for p, at in fp16.items()}
             validations += len(without)
             # on a tie, the part with more rungs left: a decoder back in INT8 keeps cross_kv's INT8 speed,
             # where cross_kv in FP16 runs its 577 tokens per image in float
-            culprit = max(without, key=lambda p: (without[p], len(ladders[p]) - rung[p]))
+            culprit = max(without, key=lambda p: (without[p], last[p] - rung[p]))
             each = ", ".join(f"{p} in FP16 {v:.1%}" for p, v in without.items())
             _log(f"      {each}: {culprit} costs the most")
             # its rungs below, in order, down to the first that holds the aim (FP16, measured above)
-            for i in range(rung[culprit] + 1, len(ladders[culprit])):
+            for i in range(rung[culprit] + 1, last[culprit] + 1):
                 at = {**rung, culprit: i}
-                got = (
-                    without[culprit] if i == len(ladders[culprit]) - 1 else self.measure(candidates(at)).value
-                )
-                validations += i < len(ladders[culprit]) - 1
+                got = without[culprit] if i == last[culprit] else self.measure(candidates(at)).value
+                validations += i < last[culprit]
                 _log(f"      {named({culprit: i})}: agreement {got:.1%}")
-                if got >= self.aim or i == len(ladders[culprit]) - 1:
+                if got >= self.aim or i == last[culprit]:
                     rung, value = at, got
                     break
         for p, c in candidates(rung).items():
@@ -160,7 +159,7 @@ class Control:
         for p, stage in stages.items():
             stage.weights = ladders[p][rung[p]][0]
             stage.speed_ms = (speed_ms or {}).get(p, {})
-            stage.kept_fp16 = rung[p] == len(ladders[p]) - 1
+            stage.kept_fp16 = rung[p] == last[p]
             stage.final, stage.validations = value, validations
             stage.seconds = time.perf_counter() - t0
         self.stages += stages.values()

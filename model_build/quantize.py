@@ -210,7 +210,7 @@ def quantize_parts(
     if ladders and settings.accuracy_control:
         speed_ms = {}
         if len(shipped.get("decoder", [])) > 1:
-            shipped["decoder"], speed_ms["decoder"] = by_speed(control.fp16, shipped["decoder"])
+            shipped["decoder"], speed_ms["decoder"] = by_speed(control, shipped["decoder"])
         chosen = control.weight_only(
             {name: [*rungs, ("fp16", fp16[name])] for name, rungs in shipped.items()},
             speed_ms,
@@ -269,19 +269,22 @@ def compress(
 SPEED_TOKENS, SPEED_RUNS = 10, 5
 
 
-def by_speed(fp16: Blip, rungs: list[tuple[str, Path]]) -> tuple[list[tuple[str, Path]], dict[str, float]]:
+def by_speed(
+    control: Control, rungs: list[tuple[str, Path]]
+) -> tuple[list[tuple[str, Path]], dict[str, float]]:
     """The decoder's rungs that decode as fast as the last one (INT8) or faster on this CPU, fastest first,
     and every rung's ms (median of SPEED_RUNS: 10 tokens for one image, then for four decoded together). INT4
     is not faster everywhere: 25% faster than INT8 per step at batch 1 on a CPU with AVX-512 VNNI, 20%
     slower on one with AVX2 only (full-size, 2 cores), where unpacking 4-bit weights costs more than it
     saves in memory reads."""
+    fp16 = control.fp16
     task = "caption" if "caption" in fp16.generation and fp16.captioner is fp16 else "answer"
     size = fp16.image_settings["width"], fp16.image_settings["height"]
     embeds = fp16.encode([Image.new("RGB", size)] * 4)
     tokens = {"min_new_tokens": SPEED_TOKENS, "max_new_tokens": SPEED_TOKENS}
     timed = []
     for rung, xml in rungs:
-        blip = fp16.with_parts({"decoder": ov.Core().compile_model(xml, "CPU", ov_config("CPU", None, None))})
+        blip = fp16.with_parts({"decoder": control.compile(xml)})
         runs = []
         for i in range(SPEED_RUNS + 1):  # the first run allocates: not counted
             t0 = time.perf_counter()

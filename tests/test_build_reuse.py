@@ -12,6 +12,8 @@ import time
 
 import huggingface_hub
 
+from backend.runtime.blip import Blip
+from backend.server.app import Settings, create_app
 from model_build import reuse
 from model_build.__main__ import main as blip_build
 from model_build.__main__ import parser, quant_settings
@@ -139,28 +141,35 @@ def test_skip_if_built(tmp_path, capsys):
     assert blip_build([*argv, "--force"]) == 0
     assert "decoder.bin" in capsys.readouterr().err
 
-    # nor is one an older blip-build wrote (another manifest format), e.g. a previous release's volume
-    manifest = json.loads((out / "manifest.json").read_text())
-    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
-    assert blip_build([*argv, "--force"]) == 0
-    assert "manifest format 1" in capsys.readouterr().err
-
-    # nor is an interrupted build (the record is written last)
-    manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["build"]
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    assert blip_build([*argv, "--force"]) == 0
-    assert "no record of a completed build" in capsys.readouterr().err
     assert blip_build(argv) == 0
     assert "is up to date" in capsys.readouterr().out
 
+    # nor is one an older blip-build wrote (another manifest format), e.g. a previous release's volume, nor
+    # an interrupted build (the record is written last): each says why, and is only replaced with --force
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    assert blip_build(argv) == 2
+    err = capsys.readouterr().err
+    assert "manifest format 1" in err and "pass --force" in err
+    del manifest["build"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert blip_build(argv) == 2
+    assert "no record of a completed build" in capsys.readouterr().err
 
-def test_failed_gate_is_reported_again(tmp_path, capsys):
-    """A build whose INT8 missed --min-agreement exits 3; asking for it again says so again, fast."""
+
+def test_failed_gate_serves_fp16_and_is_reported_again(tmp_path, capsys):
+    """A build whose INT8 missed --min-agreement exits 3 and leaves INT8 unserved; asking for it again
+    says so again, fast."""
     out = tmp_path / "model"
     argv = ["tiny", "-o", str(out), "--subset-size", "8", "--min-agreement", "1.01", "--skip-if-built"]
     assert blip_build(argv) == 3
-    capsys.readouterr()
+    assert "will serve FP16" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text())["int8"]["serve"] is False
+    assert Blip(out).precision == "fp16"
+    assert Blip(out, precision="int8").precision == "int8"  # PRECISION=int8 can still force it
+    # and the backend, given no PRECISION, serves FP16 too
+    health = create_app(out, settings=Settings()).test_client().get("/health").get_json()
+    assert health["precision"] == "fp16"
     assert blip_build(argv) == 3
     captured = capsys.readouterr()
     assert "is up to date" in captured.out and "serves FP16" in captured.err

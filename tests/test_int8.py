@@ -170,21 +170,6 @@ def test_a_build_that_misses_the_target_serves_fp16_and_says_why(hostile_checkpo
     assert Blip(out, precision="int8").precision == "int8"  # PRECISION=int8 can still force it
 
 
-def test_impossible_min_agreement_fails_and_leaves_int8_unserved(image_folder: Path, tmp_path: Path, capsys):
-    out = tmp_path / "model"
-    args = ["tiny", "-o", str(out), "--subset-size", "20", "--calibration-images", str(image_folder)]
-    assert main([*args, "--min-agreement", "1.01"]) == 3
-    assert "will serve FP16" in capsys.readouterr().err
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["int8"]["serve"] is False
-    assert Blip(out).precision == "fp16"
-    # and the backend, given no PRECISION, serves FP16 too
-    from backend.server.app import Settings, create_app
-
-    health = create_app(out, settings=Settings()).test_client().get("/health").get_json()
-    assert health["precision"] == "fp16"
-
-
 def test_evaluation_command_reproduces_the_accuracy(int8_dir: Path, held_out, tmp_path: Path, capsys):
     from model_build.evaluate import main as evaluate_main
 

@@ -126,9 +126,11 @@ class Blip:
         self.manifest: Manifest = load_manifest(model_dir)
         # captions come from the paired captioning checkpoint when the directory has one (its own vision
         # encoder and gate), from this checkpoint's decoder otherwise
-        self.captioner: Blip = self
+        # no reference to itself: a Blip (and the compiled parts it holds) is freed the moment it is dropped,
+        # not at some later garbage collection
+        self._paired: Blip | None = None
         if self.manifest.caption_dir is not None:
-            self.captioner = Blip(
+            self._paired = Blip(
                 self.manifest.caption_dir, device, precision, threads, inference_precision, cache_dir
             )
         if precision == "auto":
@@ -168,9 +170,12 @@ class Blip:
             raise ValueError(f"no part(s) {', '.join(sorted(unknown))} (has {', '.join(self._parts)})")
         other = copy.copy(self)
         other._parts = {**self._parts, **parts}
-        if self.captioner is self:
-            other.captioner = other
         return other
+
+    @property
+    def captioner(self) -> Blip:
+        """The Blip that writes captions: the paired captioning checkpoint's, or this one."""
+        return self._paired or self
 
     @property
     def model_version(self) -> str:

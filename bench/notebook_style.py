@@ -99,6 +99,7 @@ class NotebookPipeline:
         self.vision = core.compile_model(xml("vision"), "CPU", config)
         self.text_encoder_kv = core.compile_model(xml("text_encoder_kv"), "CPU", config)
         self.text_encoder = core.compile_model(xml("text_encoder"), "CPU", config)
+        self.words = np.load(manifest.part_table("int8", "text_encoder"), mmap_mode="r")  # its table's rows
         self.decoder = core.compile_model(decoder_xml, "CPU", config)
 
     def _greedy(self, states: np.ndarray, mask: np.ndarray, new_tokens: int, stop: bool) -> list[int]:
@@ -132,6 +133,7 @@ class NotebookPipeline:
         image_kv = self.text_encoder_kv({"encoder_states": embeds})[0]
         index = np.zeros(1, np.int64)
         q = self.text_encoder(
-            {"input_ids": ids, "attention_mask": mask, "image_kv": image_kv, "image_index": index}
+            {"word_embeds": self.words[ids].astype(np.float32), "attention_mask": mask}
+            | {"image_kv": image_kv, "image_index": index}
         )[0]
         return self.codec.decode(self._greedy(q, mask, new_tokens, stop))

@@ -14,10 +14,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openvino as ov
 import torch
 
-from backend.runtime.manifest import FORMAT, MANIFEST, file_entry
+from backend.runtime.manifest import FORMAT, MANIFEST, WORD_TABLE, file_entry
 from model_build.calibration import Calibration, synthetic, with_questions
 from model_build.graphs import CrossKV, DecoderStep, TextEncoder, VisionEncoder
 from model_build.quantize import QuantSettings
@@ -182,6 +183,8 @@ def _build_int8(
     xmls = {name: out / entry["files"][0]["path"] for name, entry in manifest["parts"]["fp16"].items()}
     calibration = Calibration(fp16, calib, quant.subset_size, out / "int8")
     int8_parts = quantize_parts(xmls, out / "int8", calibration, quant, control)
+    for name, entry in manifest["parts"]["fp16"].items():  # a part's files past its IR (a table) are shared
+        int8_parts[name]["files"] += [out / f["path"] for f in entry["files"][2:]]
     parts = {**manifest["parts"], **_hashed(out, {"int8": int8_parts})}
     manifest = {**manifest, "parts": parts, "int8": {"serve": False}}
     _write_manifest(out, manifest)
@@ -249,6 +252,11 @@ def export_parts(ckpt: Checkpoint, folder: Path) -> dict[str, dict[str, Any]]:
         size = xml.with_suffix(".bin").stat().st_size
         log(f"      {i}/{len(graphs)} {name}: {size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
         parts[name] = {"files": [xml, xml.with_suffix(".bin")]}
+    if "text_encoder" in parts:  # its word-embedding table, which serving looks up itself (graphs.py)
+        table = folder / WORD_TABLE
+        weight = ckpt.model.text_encoder.embeddings.word_embeddings.weight.detach().numpy()
+        _write(lambda: np.save(table, weight.astype(np.float16)), folder)
+        parts["text_encoder"]["files"].append(table)
     return parts
 
 
@@ -278,16 +286,17 @@ def example_graphs(model: torch.nn.Module, answers: bool = True) -> dict[str, tu
             [("encoder_states", [-1, -1, width], f32)],
             ["image_kv"],
         )
+        words = model.text_encoder.embeddings.word_embeddings
         graphs["text_encoder"] = (
             TextEncoder(model.text_encoder),
             (
-                question,
+                words(question),
                 torch.ones_like(question),
                 torch.zeros(layers, 2, 3, heads, n_img, head_size),
                 torch.tensor([2, 0]),
             ),
             [
-                ("input_ids", [-1, -1], i64),
+                ("word_embeds", [-1, -1, tcfg.hidden_size], f32),
                 ("attention_mask", [-1, -1], i64),
                 ("image_kv", kv_shape, f32),
                 ("image_index", [-1], i64),

@@ -8,7 +8,10 @@ encoder and the decoder are re-expressed here over the checkpoint's own weights:
   decoder, computed once per image (captions) or per question (answers) instead of at every
   generated token; for the question encoder (`text_encoder_kv`), once per image instead of once per
   question about it.
-- `TextEncoder`: questions + their images' precomputed K/V -> question embeddings.
+- `TextEncoder`: questions' word embeddings + their images' precomputed K/V -> question embeddings.
+  The word-embedding table stays outside the graph (serving looks its rows up from a file): inside
+  it, OpenVINO's CPU plugin unpacks the table to f32 once the part holds INT8 operations (94 MB
+  full-size, for the ~10 rows a question reads).
 - `DecoderStep`: new token ids + explicit self-attention cache + precomputed cross K/V -> logits
   and the grown cache. Serving drives it from a numpy loop (backend/runtime/generate.py).
 
@@ -18,6 +21,7 @@ Shapes (L layers, H heads, D head size, E encoder width, V vocab):
     image_index [B]                   which of the N images each question is about
     past_kv   [L, 2, B, H, P, D]      P = tokens already decoded (0 on the first call)
     input_ids [B, T]                  T new tokens (the prompt on the first call, then 1)
+    word_embeds [B, Q, E]             a question's Q tokens' rows of the word-embedding table
     logits    [B, T, V]
 """
 
@@ -80,7 +84,7 @@ class CrossKV(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """(input_ids [B,Q], attention_mask [B,Q], image_kv, image_index [B]) -> question_embeds [B,Q,E]
+    """(word_embeds [B,Q,E], attention_mask [B,Q], image_kv, image_index [B]) -> question_embeds [B,Q,E]
 
     transformers' BlipTextModel with encoder_hidden_states, except that each layer's cross-attention
     keys and values come precomputed (`CrossKV` over the image embeddings), and question i attends
@@ -95,14 +99,14 @@ class TextEncoder(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        word_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         image_kv: torch.Tensor,
         image_index: torch.Tensor,
     ) -> torch.Tensor:
         emb = self.embeddings
-        positions = torch.arange(input_ids.shape[1])
-        h = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions)[None])
+        positions = torch.arange(word_embeds.shape[1])
+        h = emb.LayerNorm(word_embeds + emb.position_embeddings(positions)[None])
         bias = _padding_bias(attention_mask)
         for i, layer in enumerate(self.layers):
             sa = layer.attention.self

@@ -161,6 +161,9 @@ class Blip:
             part: core.compile_model(self.manifest.part_xml(precision, part), device, config)
             for part in m["parts"][precision]
         }
+        # mapped, not read: a question reads ~10 rows of the table's 30524
+        table = self.manifest.part_table(precision, "text_encoder") if "text_encoder" in self._parts else None
+        self._words = np.load(table, mmap_mode="r") if table else None
 
     def with_parts(self, parts: dict[str, ov.CompiledModel]) -> Blip:
         """A copy of this Blip that runs the given compiled parts instead of its own (the others are
@@ -392,7 +395,8 @@ class Blip:
             if image_kv.shape[2] != len(embeds):
                 raise ValueError(f"image_kv holds {image_kv.shape[2]} images' keys/values, not {len(embeds)}")
             rows = np.asarray(image_index, dtype=np.int64)
-            inputs = {"input_ids": ids, "attention_mask": mask, "image_kv": image_kv, "image_index": rows}
+            inputs = {"word_embeds": self.embed_words(ids), "attention_mask": mask}
+            inputs |= {"image_kv": image_kv, "image_index": rows}
             return self._run("text_encoder", inputs), mask
         chunks, start, per_call = [], 0, self.batches.kv_images
         while start < len(questions):
@@ -403,10 +407,18 @@ class Blip:
                 end += 1
             image_kv = self._run("text_encoder_kv", {"encoder_states": embeds[list(images)]})
             rows = np.array([images[i] for i in image_index[start:end]], dtype=np.int64)
-            inputs = {"input_ids": ids[start:end], "attention_mask": mask[start:end]}
+            inputs = {"word_embeds": self.embed_words(ids[start:end]), "attention_mask": mask[start:end]}
             chunks.append(self._run("text_encoder", {**inputs, "image_kv": image_kv, "image_index": rows}))
             start = end
         return np.concatenate(chunks), mask
+
+    def embed_words(self, ids: np.ndarray) -> np.ndarray:
+        """Question token ids [B, Q] -> their rows of the question encoder's word-embedding table
+        [B, Q, E], float32: the text encoder's first input (model_build/graphs.py says why it is not in
+        the IR)."""
+        if self._words is None:
+            raise ValueError("this model only captions (its checkpoint has no question encoder)")
+        return self._words[ids].astype(np.float32)
 
     def _past_shape(self, batch: int) -> tuple[int, ...]:
         shape = list(self._empty_past_shape)

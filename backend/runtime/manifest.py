@@ -3,6 +3,8 @@
     MODEL_DIR/
       manifest.json
       fp16/{vision,text_encoder_kv,text_encoder,cross_kv,decoder}.{xml,bin}
+      fp16/text_encoder.words.npy   the question encoder's word-embedding table (float16), which the
+                                    runtime looks up itself; an INT8 build's text_encoder shares it
       processor/            tokenizer.json and the checkpoint's processor files
 
 `manifest.json` records where the weights came from, the token ids and image settings serving
@@ -21,7 +23,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: the question encoder's image keys/values are a part of their own (text_encoder_kv)
+# 2: the question encoder's image keys/values are a part of their own (text_encoder_kv)
+# 3: its word-embedding table is a file of its own (WORD_TABLE), its IR takes the rows (word_embeds)
+FORMAT = 3
+WORD_TABLE = "text_encoder.words.npy"
 # Parts every model directory has; the text encoder's only when the checkpoint answers questions.
 CAPTION_PARTS = ("vision", "cross_kv", "decoder")
 VQA_PARTS = ("vision", "text_encoder_kv", "text_encoder", "cross_kv", "decoder")
@@ -68,6 +73,12 @@ class Manifest:
                 f"{self.model_dir / MANIFEST}: no {precision} part {part!r} "
                 f"(has {', '.join(self.data['parts'].get(precision, {})) or 'none'})"
             ) from None
+
+    def part_table(self, precision: str, part: str) -> Path | None:
+        """The part's word-embedding table (`WORD_TABLE`), if it has one."""
+        self.part_xml(precision, part)  # a precise error for a missing part
+        files = self.data["parts"][precision][part]["files"]
+        return next((self.model_dir / f["path"] for f in files if f["path"].endswith(".npy")), None)
 
     @property
     def caption_dir(self) -> Path | None:

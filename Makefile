@@ -39,7 +39,8 @@ screenshots: $(VENV)/.installed-test chromium
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
-$(MODEL_DIR)/manifest.json: | $(VENV)/.installed-build
+# rebuilt when the model directory's format may have changed (FORMAT lives in manifest.py)
+$(MODEL_DIR)/manifest.json: backend/runtime/manifest.py | $(VENV)/.installed-build
 	$(BIN)/blip-build tiny -o $(MODEL_DIR) --force
 
 # Caption the bundled sample images and answer questions about them with the bundled test model.

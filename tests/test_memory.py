@@ -10,6 +10,7 @@ import gc
 import io
 import sys
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,18 @@ def test_a_worker_keeps_nothing_of_the_data_uris_it_served(blip: Blip) -> None:
     uri_bytes = len(data_uri(Image.fromarray(pixels)))
     # 96 URIs of ~400 KB were served; their tiny-model embeddings take ~25 KB each
     assert grew < 8 * uri_bytes, f"grew by {grew >> 10} KiB over 96 tasks of {uri_bytes >> 10} KiB"
+
+
+def test_a_dropped_model_is_freed_at_once(tiny_dir: Path) -> None:
+    """No reference cycle holds a Blip or the copies accuracy control makes of it: their compiled parts go
+    when the last reference does, not at a later garbage collection, which ran OpenVINO's destructors at
+    random points (once, a segfault inside NNCF)."""
+    gc.disable()
+    try:
+        blip = Blip(tiny_dir)
+        copy = blip.with_parts({})
+        refs = [weakref.ref(blip), weakref.ref(copy)]
+        del blip, copy
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()

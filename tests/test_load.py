@@ -184,12 +184,13 @@ def test_a_predict_longer_than_the_worker_timeout_completes(tiny_dir, tmp_path):
         try:
             worker = bench.children(proc.pid)
             # long enough at any speed seen here: 600 tasks took 2.9 s on a fast machine, 4.5 s on a slow one
-            answer = bench.post(url, tasks.make(1500))
+            many = 1500
+            answer = bench.post(url, tasks.make(many))
             assert bench.children(proc.pid) == worker
         finally:
             bench.stop_backend(proc)
     assert answer["seconds"] > 3 * timeout, "the request was not long enough to tell"
-    assert answer["status"] == 200 and len(answer["results"]) == 1500
+    assert answer["status"] == 200 and len(answer["results"]) == many
     assert all(e != [] for e in answer["results"])
     text = log.read_text()
     assert "WORKER TIMEOUT" not in text and text.count("Booting worker") == 1, text[-3000:]

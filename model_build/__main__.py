@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
         "--weights",
         default="auto",
         choices=["auto", "int8_asym", "int8_sym", "int4_asym", "int4_sym"],  # quantize.WEIGHT_MODES
-        help="weight compression of the decoder and cross_kv (default auto: under accuracy control the "
+        help="weight compression of the decoder (default auto: under accuracy control the "
         "decoder in INT4 if the pipeline holds the aim, else half INT4, else INT8, else FP16; INT8 "
         "without it)",
     )

@@ -6,10 +6,10 @@ final held-out gate does not see. Each stage keeps it at or above `aim(target)`,
 disagreement the target allows, so that the held-out gate, on other images, still clears the target.
 In pipeline order:
 
-1. The weight-only parts (cross_kv, decoder) are compressed and measured with the encoders in FP16, each
-   down a ladder from its fastest compression to FP16 (the decoder: INT4, half INT4, INT8, FP16; see
-   model_build/quantize.py): while the pipeline misses the aim, the part whose FP16 restores the most
-   agreement goes down its ladder to the first rung that holds it.
+1. The weight-only part (the decoder) is compressed and measured with the encoders in FP16, down a
+   ladder from its fastest compression to FP16 (INT4, half INT4, INT8, FP16; see
+   model_build/quantize.py): while the pipeline misses the aim, it goes down to the first rung that
+   holds it (with more weight-only parts, the one whose FP16 restores the most agreement goes first).
 2. The vision encoder, then the question encoder's two parts, go through NNCF's
    `quantize_with_accuracy_control`, whose validation function runs the whole pipeline with the
    candidate part plugged in. When plain INT8 already reaches the aim this costs two validations.
@@ -88,8 +88,8 @@ class Control:
         _log(f"      FP16 on {len(self.validation)} validation images in {time.perf_counter() - t0:.1f} s")
         return reference
 
-    def compile(self, model: ov.Model | Path) -> ov.CompiledModel:
-        return ov.Core().compile_model(model, "CPU", ov_config("CPU", None, None))
+    def compile(self, model: ov.Model | Path, part: str | None = None) -> ov.CompiledModel:
+        return ov.Core().compile_model(model, "CPU", ov_config("CPU", None, None, part))
 
     def measure(self, parts: dict[str, ov.CompiledModel], idx: Sequence[int] | None = None) -> Measured:
         """The pipeline: FP16, with the parts decided so far and `parts` swapped in."""
@@ -123,7 +123,7 @@ class Control:
             for p, i in at.items():
                 if i < last[p]:  # the last rung is FP16: the pipeline's own part
                     if (p, i) not in compiled:
-                        compiled[p, i] = self.compile(ladders[p][i][1])
+                        compiled[p, i] = self.compile(ladders[p][i][1], p)
                     chosen[p] = compiled[p, i]
             return chosen
 
@@ -140,8 +140,7 @@ class Control:
             fp16 = {p: {**rung, p: last[p]} for p in ladders if rung[p] < last[p]}
             without = {p: self.measure(candidates(at)).value for p, at in fp16.items()}
             validations += len(without)
-            # on a tie, the part with more rungs left: a decoder back in INT8 keeps cross_kv's INT8 speed,
-            # where cross_kv in FP16 runs its 577 tokens per image in float
+            # on a tie, the part with more rungs left: its next rung may hold the aim at a lower cost
             culprit = max(without, key=lambda p: (without[p], last[p] - rung[p]))
             each = ", ".join(f"{p} in FP16 {v:.1%}" for p, v in without.items())
             _log(f"      {each}: {culprit} costs the most")

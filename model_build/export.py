@@ -303,24 +303,19 @@ def example_graphs(model: torch.nn.Module, answers: bool = True) -> dict[str, tu
             ],
             ["question_embeds"],
         )
-    graphs["cross_kv"] = (
-        CrossKV(model.text_decoder.bert.encoder.layer, heads),
-        (torch.zeros(2, n_img, width),),
-        [("encoder_states", [-1, -1, width], f32)],
-        ["cross_kv"],
-    )
+    states = model.text_decoder.bert.encoder.layer[0].crossattention.self.key.in_features
     graphs["decoder"] = (
         DecoderStep(model.text_decoder),
         (
             question[:, :1],
             torch.zeros(layers, 2, 2, heads, 3, head_size),
-            torch.zeros(layers, 2, 2, heads, 5, head_size),
+            torch.zeros(2, 5, states),
             torch.ones(2, 5, dtype=torch.int64),
         ),
         [
             ("input_ids", [-1, -1], i64),
             ("past_kv", kv_shape, f32),
-            ("cross_kv", kv_shape, f32),
+            ("encoder_states", [-1, -1, states], f32),
             ("cross_mask", [-1, -1], i64),
         ],
         ["logits", "present_kv"],

@@ -2,8 +2,8 @@
 
 The vision encoder and the question encoder (`text_encoder_kv` and `text_encoder`) get full INT8
 (weights and activations) with NNCF's transformer preset, calibrated on the user's images and
-questions. The decoder and its cross-attention projections get weight-only compression: quantizing the
-decoder's activations costs accuracy (DESIGN.md), and its step is bound by weight reads anyway. Every
+questions. The decoder gets weight-only compression: quantizing its activations costs accuracy
+(DESIGN.md), and its step is bound by weight reads anyway. Every
 part is accuracy-controlled through the whole pipeline (model_build/accuracy.py).
 """
 
@@ -55,11 +55,9 @@ class Rung:
 # (model_build/accuracy.py). The decoder's step reads all of its weights for a few tokens' work, so INT4
 # can make it faster; whether it does depends on the CPU, so its rungs are timed on the build's CPU and
 # ordered by that (`by_speed`). Between INT4 and INT8, NNCF's mixed precision: half the decoder's layers
-# in INT4 (those whose weights lose least to it), the rest INT8. cross_kv runs once per image over its 577
-# tokens, bound by compute, where INT4 weights gain nothing.
+# in INT4 (those whose weights lose least to it), the rest INT8.
 AUTO_LADDERS: dict[str, tuple[Rung, ...]] = {
     "decoder": (Rung("int4_asym"), Rung("int4_asym", 0.5), Rung("int8_asym")),
-    "cross_kv": (Rung("int8_asym"),),
 }
 PLAIN_AUTO = Rung("int8_asym")  # `auto` without accuracy control: nothing measures what INT4 would cost
 STATISTICS_PRECISIONS = ("f32", "bf16")
@@ -79,7 +77,7 @@ class QuantSettings:
     subset_size: int = 300
     smooth_quant_alpha: float = 0.95  # NNCF's transformer default for MatMul; negative disables SmoothQuant
     ignored_scope: tuple[str, ...] = ()  # regex patterns of node names kept in full precision
-    weights: str = "auto"  # weight-only parts' compression (cross_kv, decoder)
+    weights: str = "auto"  # the weight-only part's compression (the decoder)
     group_size: int | None = None  # INT4 only (NNCF default 128)
     ratio: float | None = None  # INT4 only: share of layers in INT4, the rest INT8 (NNCF default 1.0)
     target_agreement: float = TARGET_AGREEMENT  # what accuracy control holds (model_build/accuracy.py)
@@ -288,7 +286,7 @@ def by_speed(
     tokens = {"min_new_tokens": SPEED_TOKENS, "max_new_tokens": SPEED_TOKENS}
     timed = []
     for rung, xml in rungs:
-        blip = fp16.with_parts({"decoder": control.compile(xml)})
+        blip = fp16.with_parts({"decoder": control.compile(xml, "decoder")})
         runs = []
         for i in range(SPEED_RUNS + 1):  # the first run allocates: not counted
             t0 = time.perf_counter()

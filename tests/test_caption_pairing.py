@@ -44,7 +44,7 @@ def test_both_builds_are_in_the_directory_each_with_its_gate(paired: Path):
     assert entry["path"] == "caption" and entry["source"]["model"].endswith("checkpoint-wide")
     captions = json.loads((paired / "caption" / "manifest.json").read_text())
     assert captions["source"]["tasks"] == ["caption"]
-    assert set(captions["parts"]["int8"]) == {"vision", "cross_kv", "decoder"}  # no question encoder
+    assert set(captions["parts"]["int8"]) == {"vision", "decoder"}  # no question encoder
     for build in (manifest, captions):
         assert build["report"]["accuracy_control"]["stages"]
         assert build["int8"]["gate"]["threshold"] == 0.99

@@ -45,9 +45,9 @@ def test_corrupt_part(model_copy: Path):
 
 def test_manifest_missing_a_part(model_copy: Path):
     manifest = json.loads((model_copy / "manifest.json").read_text())
-    del manifest["parts"]["fp16"]["cross_kv"]
+    del manifest["parts"]["fp16"]["decoder"]
     (model_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelDirError, match=r"lacks part.*cross_kv"):
+    with pytest.raises(ModelDirError, match=r"lacks part.*decoder"):
         Blip(model_copy)
 
 

@@ -41,9 +41,9 @@ class Batches:
     it has run.
 
     - vision: the same time per image 1, 2 or 8 at a time (16 images: 3.2 s); ~25 MB more peak per image.
-    - caption: a caption's cross-attention cache holds the 577 image tokens (42 MB per image): 16 images
-      captioned 4 at a time took 2.7-3.0 s and peaked at 1.4 GB, 16 at a time 4.0 s and 2.7 GB, 2 at a
-      time ~13% longer than 4 and 100 MB lower.
+    - caption: images captioned together; the decoder reads each one's embeddings (577 x 768 floats,
+      1.8 MB) at every step. 16 images took 2.24 s one at a time, 1.14 s four at a time, 0.98 s eight
+      and 0.95 s sixteen at a time, with the same peak (bench/throughput.py's batch_* variants).
     - answer: questions decoded together (their cross-attention holds the question's tokens only).
     - kv_images: images per question-encoder call (their keys/values, 42 MB each): 16 tasks (caption + 3
       questions) peaked 90 MiB lower with one than with two (1159 vs 1251 MiB) at the same speed (median
@@ -51,7 +51,7 @@ class Batches:
     """
 
     vision: int = 2
-    caption: int = 4
+    caption: int = 8
     answer: int = 16
     kv_images: int = 1
 
@@ -73,13 +73,20 @@ class Ranked:
     scores: dict[str, float]
 
 
-def ov_config(device: str, threads: int | None, inference_precision: str | None) -> dict[str, Any]:
-    """OpenVINO compile options. On CPU the execution precision is f32 unless asked otherwise.
+def ov_config(
+    device: str, threads: int | None, inference_precision: str | None, part: str | None = None
+) -> dict[str, Any]:
+    """OpenVINO compile options (of the part named `part`, when given). On CPU the execution precision is
+    f32 unless asked otherwise.
 
     Measured (bench/inference_precision.py, 2 cores with bf16 instructions, full-size BLIP): INT8
     builds run fastest in f32 (bf16 took 1.1-1.4x longer); FP16 builds run 1.5-1.8x faster in bf16, but
     bf16 changed 1 of 300 test-model captions, and FP16 is the fallback and the reference INT8 is
     gated against, so it stays exact (token-identical to PyTorch) unless `inference_precision="bf16"`.
+
+    The decoder's cross-attention (model_build/graphs.py, `_attend_states`) runs its two matrix
+    products as oneDNN MatMuls: the CPU plugin's fused attention kernel (a "snippets" subgraph, made for
+    heads of 64-128 wide) took 0.47 ms per layer on their 768-wide rows, 4x the two MatMuls.
     """
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
     kind = device.split(":")[0].split(".")[0]
@@ -87,6 +94,8 @@ def ov_config(device: str, threads: int | None, inference_precision: str | None)
         config["INFERENCE_PRECISION_HINT"] = inference_precision or "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if part == "decoder":
+            config["SNIPPETS_MODE"] = "DISABLE"
     elif inference_precision and kind == "GPU":
         config["INFERENCE_PRECISION_HINT"] = inference_precision
     return config
@@ -156,9 +165,12 @@ class Blip:
         core = ov.Core()
         if cache_dir:
             core.set_property({"CACHE_DIR": str(cache_dir)})
-        config = ov_config(device, threads, inference_precision)
         self._parts = {
-            part: core.compile_model(self.manifest.part_xml(precision, part), device, config)
+            part: core.compile_model(
+                self.manifest.part_xml(precision, part),
+                device,
+                ov_config(device, threads, inference_precision, part),
+            )
             for part in m["parts"][precision]
         }
         # mapped, not read: a question reads ~10 rows of the table's 30524
@@ -192,8 +204,9 @@ class Blip:
 
     @property
     def kv_bytes(self) -> int:
-        """The bytes of one image's cross-attention keys/values (f32), the unit a batch's memory grows by:
-        42 MB on a full-size model (12 layers x 2 x 577 image tokens x 768 x 4 bytes)."""
+        """The bytes of one image's keys/values in the question encoder's cross-attention (f32), the unit
+        backend/annotate/budget.py counts memory in: 42 MB on a full-size model (12 layers x 2 x 577 image
+        tokens x 768 x 4 bytes)."""
         tokens = self._parts["vision"].output(0).get_partial_shape()[1].get_length()
         text = self.manifest.data["text"]
         return text["layers"] * 2 * tokens * text["heads"] * text["head_size"] * 4
@@ -243,24 +256,22 @@ class Blip:
             return images
         return encode_images(self._parts["vision"], images, self.image_settings, self.batches.vision)
 
-    def _cross_kv(self, states: np.ndarray) -> np.ndarray:
-        return self._run("cross_kv", {"encoder_states": states})
-
-    def _decode(self, prompt: np.ndarray, cross_kv: np.ndarray, mask: np.ndarray, settings: Settings) -> list:
+    def _decode(self, prompt: np.ndarray, states: np.ndarray, mask: np.ndarray, settings: Settings) -> list:
+        """Generates after `prompt` [B, T] attending to `states` [B, S, C] (image or question embeddings)."""
         request = self._parts["decoder"].create_infer_request()
 
         def step(
-            ids: np.ndarray, past: np.ndarray, kv: np.ndarray, m: np.ndarray
+            ids: np.ndarray, past: np.ndarray, s: np.ndarray, m: np.ndarray
         ) -> tuple[np.ndarray, np.ndarray]:
-            # share_inputs: the cross-attention cache is large and the same at every step; don't copy it
+            # share_inputs: the states are the same at every step; don't copy them
             out = request.infer(
-                {"input_ids": ids, "past_kv": past, "cross_kv": kv, "cross_mask": m}, share_inputs=True
+                {"input_ids": ids, "past_kv": past, "encoder_states": s, "cross_mask": m}, share_inputs=True
             )
             return out["logits"], out["present_kv"]
 
         past = np.zeros(self._past_shape(prompt.shape[0]), dtype=np.float32)
         search = greedy if settings.num_beams == 1 else beam_search
-        return search(step, prompt, past, cross_kv, mask, self.tokens["eos"], settings)
+        return search(step, prompt, past, np.ascontiguousarray(states), mask, self.tokens["eos"], settings)
 
     def _settings(self, task: str, overrides: dict[str, Any]) -> Settings:
         if task not in self.generation:
@@ -289,7 +300,7 @@ class Blip:
             chunk = embeds[i : i + self.batches.caption]
             ids = np.tile(np.asarray(prompt_ids, dtype=np.int64), (len(chunk), 1))
             mask = np.ones(chunk.shape[:2], dtype=np.int64)
-            for seq in self._decode(ids, self._cross_kv(chunk), mask, settings):
+            for seq in self._decode(ids, chunk, mask, settings):
                 results.append(self._generated(prompt_ids[1:] + seq.tokens, seq.token_logprobs))
         return results
 
@@ -314,7 +325,7 @@ class Blip:
         for c in range(0, len(pairs), self.batches.answer):
             chunk = slice(c, c + self.batches.answer)
             start = np.full((len(pairs[chunk]), 1), self.tokens["decoder_start"], dtype=np.int64)
-            for seq in self._decode(start, self._cross_kv(q_embeds[chunk]), q_mask[chunk], settings):
+            for seq in self._decode(start, q_embeds[chunk], q_mask[chunk], settings):
                 flat.append(self._generated(seq.tokens, seq.token_logprobs))
         it = iter(flat)
         return [[next(it) for _ in qs] for qs in questions]
@@ -343,7 +354,6 @@ class Blip:
         for i in range(0, len(embeds), per_chunk):
             idx = list(range(i, min(i + per_chunk, len(embeds))))
             q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx), image_kv)
-            kv = self._cross_kv(q_embeds)
             rows = np.repeat(np.arange(len(idx)), n_cand)
             past = np.zeros(self._past_shape(len(rows)), dtype=np.float32)
             logits = self._run(
@@ -351,7 +361,7 @@ class Blip:
                 {
                     "input_ids": np.tile(seqs, (len(idx), 1)),
                     "past_kv": past,
-                    "cross_kv": kv[:, :, rows],
+                    "encoder_states": q_embeds[rows],
                     "cross_mask": q_mask[rows],
                 },
             )

@@ -2,7 +2,7 @@
 
 The step function is the `decoder` IR (model_build/graphs.py, `DecoderStep`):
 
-    step(input_ids [B,T], past_kv [L,2,B,H,P,D], cross_kv [L,2,B,H,S,D], cross_mask [B,S])
+    step(input_ids [B,T], past_kv [L,2,B,H,P,D], encoder_states [B,S,C], cross_mask [B,S])
         -> logits [B,T,V], present_kv [L,2,B,H,P+T,D]
 
 Greedy and beam search follow transformers' `generate` exactly (the parity tests compare token
@@ -64,7 +64,7 @@ def greedy(
     step: Step,
     prompt: np.ndarray,
     past: np.ndarray,
-    cross_kv: np.ndarray,
+    states: np.ndarray,
     cross_mask: np.ndarray,
     eos: int,
     settings: Settings,
@@ -77,7 +77,7 @@ def greedy(
     alive = np.arange(batch)  # original row of each row still decoding
     ids = prompt
     for t in range(settings.max_new_tokens):
-        logits, past = step(ids, past, cross_kv, cross_mask)
+        logits, past = step(ids, past, states, cross_mask)
         raw = logits[:, -1].astype(np.float32)
         scores = _penalize_repeats(raw.copy(), history, settings.repetition_penalty)
         if t < settings.min_new_tokens:
@@ -92,7 +92,7 @@ def greedy(
             break
         if not keep.all():
             alive, nxt, history = alive[keep], nxt[keep], history[keep]
-            past, cross_kv, cross_mask = past[:, :, keep], cross_kv[:, :, keep], cross_mask[keep]
+            past, states, cross_mask = past[:, :, keep], states[keep], cross_mask[keep]
         history = np.concatenate([history, nxt[:, None]], axis=1)
         ids = nxt[:, None]
     return [Sequence(t, lp) for t, lp in zip(tokens, logprobs)]
@@ -102,7 +102,7 @@ def beam_search(
     step: Step,
     prompt: np.ndarray,
     past: np.ndarray,
-    cross_kv: np.ndarray,
+    states: np.ndarray,
     cross_mask: np.ndarray,
     eos: int,
     settings: Settings,
@@ -119,7 +119,7 @@ def beam_search(
     # num_beams first choices are distinct tokens
     expand = np.repeat(np.arange(batch), n_beams)
     seqs = prompt[expand]
-    past, cross_kv, cross_mask = past[:, :, expand], cross_kv[:, :, expand], cross_mask[expand]
+    past, states, cross_mask = past[:, :, expand], states[expand], cross_mask[expand]
     beam_scores = np.zeros((batch, n_beams))
     beam_scores[:, 1:] = -1e9
     model_lps = np.zeros((batch * n_beams, 0))
@@ -127,7 +127,7 @@ def beam_search(
     done = np.zeros(batch, dtype=bool)
     ids = seqs
     for t in range(settings.max_new_tokens):
-        logits, past = step(ids, past, cross_kv, cross_mask)
+        logits, past = step(ids, past, states, cross_mask)
         raw_lp = log_softmax(logits[:, -1].astype(np.float32))
         # as in transformers' beam search, processors act on log-probs, not on logits
         scores = _penalize_repeats(raw_lp.copy(), seqs, settings.repetition_penalty)

@@ -78,6 +78,8 @@ VARIANTS = {
         "batches vision 2, caption 4, kv_images 1 (Batches' defaults, named)",
         batches={"vision": 2, "caption": 4},
     ),
+    "batch_2811": Variant("batches vision 2, caption 8", batches={"vision": 2, "caption": 8}),
+    "batch_21611": Variant("batches vision 2, caption 16", batches={"vision": 2, "caption": 16}),
     "batch_2412": Variant(
         "batches vision 2, caption 4, kv_images 2", batches={"vision": 2, "caption": 4, "kv_images": 2}
     ),

@@ -23,21 +23,21 @@ from backend.runtime.memory import status_mib
 log = logging.getLogger(__name__)
 
 ENV = "MEMORY_BUDGET_MB"
-# fastest first. Measured on 2 cores, full-size INT8, 16 tasks of a caption and 3 questions: captions two
-# at a time take ~13% longer than four; the vision encoder's speed per image is the same at 1 and 2.
+# fastest first. Measured on 2 cores, full-size INT8, 16 tasks of a caption and 3 questions: the vision
+# encoder's speed per image is the same at 1 and 2; captions one at a time take 2.3x as long as eight.
 CHOICES = (
     Batches(),
-    Batches(caption=2),
-    Batches(vision=1, caption=2),
+    Batches(vision=1),
     Batches(vision=1, caption=1),
 )
-# In units of one image's cross-attention keys/values (Blip.kv_bytes, 42 MB full-size), measured on the
-# full-size model (peaks over 16 tasks: bench/throughput.py's batch_* variants; bench/memory.py for a
-# whole /predict): a request at batch 1 peaks ~7 units over the RSS after loading (its embeddings,
+# In units of one image's keys/values in the question encoder (Blip.kv_bytes, 42 MB full-size), measured
+# on the full-size model (peaks over 16 tasks: bench/throughput.py's batch_* variants; bench/memory.py for
+# a whole /predict): a request at batch 1 peaks ~6 units over the RSS after loading (its embeddings,
 # 20-token caption decoding, the question encoder, the request body); one more image per vision call
-# adds 0.6 units, per caption call 1.1, per question-encoder call 2.2.
-REQUEST = 7.0
-PER_IMAGE = {"vision": 0.6, "caption": 1.1, "kv_images": 2.2}
+# adds 0.7 units, per caption call 0.1 (the decoder reads each image's embeddings, 1.8 MB, not 42 MB of
+# keys and values as it did), per question-encoder call 2.2.
+REQUEST = 6.0
+PER_IMAGE = {"vision": 0.7, "caption": 0.1, "kv_images": 2.2}
 PHOTO_MB = 36  # a 12-MP photo while it is decoded, before it is resized; FETCH_THREADS decode at once
 
 

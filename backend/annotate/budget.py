@@ -23,12 +23,12 @@ from backend.runtime.memory import status_mib
 log = logging.getLogger(__name__)
 
 ENV = "MEMORY_BUDGET_MB"
-# fastest first. Measured on 2 cores, full-size INT8, 16 tasks of a caption and 3 questions: the vision
-# encoder's speed per image is the same at 1 and 2; captions one at a time take 2.3x as long as eight.
+# fastest first. Measured on 2 cores, full-size INT8, 16 images: captions four at a time take 1.16x as
+# long as eight, one at a time 2.3x.
 CHOICES = (
     Batches(),
-    Batches(vision=1),
-    Batches(vision=1, caption=1),
+    Batches(caption=4),
+    Batches(caption=1),
 )
 # In units of one image's keys/values in the question encoder (Blip.kv_bytes, 42 MB full-size), measured
 # on the full-size model (peaks over 16 tasks: bench/throughput.py's batch_* variants; bench/memory.py for

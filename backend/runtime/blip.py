@@ -40,7 +40,8 @@ class Batches:
     on 2 cores with a full-size model. OpenVINO keeps each part's buffers at the size of the largest batch
     it has run.
 
-    - vision: the same time per image 1, 2 or 8 at a time (16 images: 3.2 s); ~25 MB more peak per image.
+    - vision: the same time per image one, two or four at a time (16 images: 1.20, 1.18, 1.16 s on an
+      AMX Xeon); one at a time peaked 27 MiB lower over three 16-task requests (bench/memory.py).
     - caption: images captioned together; the decoder reads each one's embeddings (577 x 768 floats,
       1.8 MB) at every step. 16 images took 2.24 s one at a time, 1.14 s four at a time, 0.98 s eight
       and 0.95 s sixteen at a time, with the same peak (bench/throughput.py's batch_* variants).
@@ -50,7 +51,7 @@ class Batches:
       of 9 runs, 8.5 vs 8.9 s); four had peaked 200 MB higher than two.
     """
 
-    vision: int = 2
+    vision: int = 1
     caption: int = 8
     answer: int = 16
     kv_images: int = 1

@@ -36,9 +36,10 @@ def main() -> None:
     layers, heads, head_size = text["layers"], text["heads"], text["head_size"]
     xml = args.model_dir / "fp16" / "decoder.xml"
     core = ov.Core()
-    width = core.read_model(xml).input("encoder_states").get_partial_shape()[2].get_length()
+    explicit_model = core.read_model(xml)
+    width = explicit_model.input("encoder_states").get_partial_shape()[2].get_length()
     config = ov_config("CPU", None, None, "decoder")
-    explicit = core.compile_model(core.read_model(xml), "CPU", config)
+    explicit = core.compile_model(explicit_model, "CPU", config)
     stateful_model = core.read_model(xml)
     apply_make_stateful_transformation(stateful_model, {"past_kv": "present_kv"})
     stateful = core.compile_model(stateful_model, "CPU", config)

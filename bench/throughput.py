@@ -75,7 +75,7 @@ VARIANTS = {
     ),
     "batch_1211": Variant("batches vision 1, caption 2", batches={"vision": 1, "caption": 2}),
     "batch_2411": Variant(
-        "batches vision 2, caption 4, kv_images 1 (Batches' defaults, named)",
+        "batches vision 2, caption 4, kv_images 1 (format 3's defaults)",
         batches={"vision": 2, "caption": 4},
     ),
     "batch_2811": Variant("batches vision 2, caption 8", batches={"vision": 2, "caption": 8}),

@@ -13,6 +13,7 @@ without a cache: it does not refuse to start.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from backend.annotate.predict import FETCH_THREADS
@@ -59,11 +60,11 @@ def choose(loaded_mb: float, kv_mb: float, budget_mb: int, cache_mb: int) -> Fit
     base = loaded_mb + REQUEST * kv_mb + FETCH_THREADS * PHOTO_MB
     for batches in CHOICES:
         extra = sum(PER_IMAGE[name] * (getattr(batches, name) - 1) for name in PER_IMAGE) * kv_mb
-        need = base + extra
+        need = math.ceil(base + extra)  # whole MiB, so that the cache and the peak add up exactly
         if need <= budget_mb:
-            cache = max(0, min(cache_mb, int(budget_mb - need)))
-            return Fit(batches, cache, round(need + cache), True)
-    return Fit(CHOICES[-1], 0, round(need), False)
+            cache = max(0, min(cache_mb, budget_mb - need))
+            return Fit(batches, cache, need + cache, True)
+    return Fit(CHOICES[-1], 0, need, False)
 
 
 def fit(blip: Blip, budget_mb: int | None, cache_mb: int) -> int:

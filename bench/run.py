@@ -152,9 +152,8 @@ def project_workloads(blip: Blip, image: Image.Image) -> dict[str, Callable[[], 
     answer = {"min_new_tokens": ANSWER_TOKENS, "max_new_tokens": ANSWER_TOKENS}
 
     def task():
-        embeds = blip.encode([image])  # once for the caption and all three questions
-        blip.caption(embeds, **caption)
-        blip.answer(embeds, [list(QUESTIONS)], **answer)
+        # as /predict runs a one-task request: one vision call, the caption and answers decoded together
+        blip.caption_and_answer([image], [list(QUESTIONS)], caption=caption, answer=answer)
 
     return {
         "vision": lambda: blip.encode([image]),

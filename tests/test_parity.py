@@ -136,3 +136,18 @@ def test_image_embeddings_are_reused_across_asks(blip, held_out):
     from_embeds = blip.answer(embeds, [[qa.question for qa in scene.qa]])
     assert [a.tokens for a in from_images[0]] == [a.tokens for a in from_embeds[0]]
     assert blip.caption(embeds)[0].tokens == blip.caption([scene.image])[0].tokens
+
+
+@pytest.mark.parametrize("generation", [{}, {"repetition_penalty": 1.5, "min_new_tokens": 2}])
+def test_caption_and_answers_decoded_together_match_transformers(blip, hf, held_out, generation):
+    # one image's caption and answers share a decoder batch (each row attending to its own part of
+    # the image's and questions' embeddings, with its own lengths): each must be what it is alone
+    for scene in held_out[:N]:
+        questions = [qa.question for qa in scene.qa]
+        captions, answers = blip.caption_and_answer(
+            [scene.image], [questions], caption=generation, answer=generation
+        )
+        assert captions[0].tokens == hf_caption_ids(hf, [scene.image], max_new_tokens=20, **generation)[0]
+        for q, got in zip(questions, answers[0]):
+            assert got.tokens == hf_answer_ids(hf, [scene.image], [q], max_new_tokens=10, **generation)[0]
+        assert captions[0].score == pytest.approx(blip.caption([scene.image], **generation)[0].score, abs=1e-4)

@@ -34,7 +34,7 @@ from backend.annotate import interactive
 from backend.annotate.cache import EmbeddingCache
 from backend.annotate.images import ImageError, ImageLoader, Source
 from backend.annotate.labeling import Ask, Plan
-from backend.runtime.blip import Blip
+from backend.runtime.blip import Blip, Generated
 from backend.runtime.preprocess import resized
 
 log = logging.getLogger(__name__)
@@ -316,17 +316,30 @@ class Predictor:
                 return _rows(encoded[id(model)], images)
 
             captioner = blip.captioner
+            images = list(answers)
+            questions = [list(answers[img]) for img in images]
+            captioned: dict[str | None, list[Generated]] = {}
+            answered: list[list[Generated]] = []
+            if (
+                captioner is blip
+                and list(captions) == [None]
+                and len(images) == 1
+                and set(captions[None]) == set(images)
+            ):
+                # one image's caption and answers, decoded together (faster than one after the other)
+                captioned[None], answered = blip.caption_and_answer(embeds(blip, images), questions)
+            else:
+                for prompt, by_image in captions.items():
+                    captioned[prompt] = captioner.caption(embeds(captioner, list(by_image)), prompt)
+                if answers:
+                    answered = blip.answer(embeds(blip, images), questions)
             for prompt, by_image in captions.items():
-                got = captioner.caption(embeds(captioner, list(by_image)), prompt)
-                for pairs, gen in zip(by_image.values(), got):
+                for pairs, gen in zip(by_image.values(), captioned[prompt]):
                     for i, ask in pairs:
                         if gen.text:
                             results[i].append((order[ask], _textarea(ask, gen.text, gen.score)))
             if answers:
-                images = list(answers)
-                questions = [list(answers[img]) for img in images]
-                got = blip.answer(embeds(blip, images), questions)
-                for img, qs, gens in zip(images, questions, got):
+                for img, qs, gens in zip(images, questions, answered):
                     for q, gen in zip(qs, gens):
                         for i, ask in answers[img][q]:
                             if gen.text:

@@ -4,6 +4,7 @@
     embeds = blip.encode(images)                # the vision encoder runs once per image ...
     blip.caption(embeds)                        # ... for all of that image's asks
     blip.answer(embeds, [["what colour is the circle?"], ...])
+    blip.caption_and_answer(embeds, [["what colour is it?"]])  # both; one image's decoded together
     blip.rank(embeds, "what shape is it?", ["circle", "square"])
     kv = blip.image_kv(embeds)                  # the question encoder's image K/V, to keep for more questions
     blip.answer(embeds, [["how many?"]], image_kv=kv)
@@ -257,21 +258,33 @@ class Blip:
             return images
         return encode_images(self._parts["vision"], images, self.image_settings, self.batches.vision)
 
-    def _decode(self, prompt: np.ndarray, states: np.ndarray, mask: np.ndarray, settings: Settings) -> list:
-        """Generates after `prompt` [B, T] attending to `states` [B, S, C] (image or question embeddings)."""
-        request = self._parts["decoder"].create_infer_request()
+    def _decode(
+        self, prompt: np.ndarray, states: np.ndarray, mask: np.ndarray, settings: Settings | list[Settings]
+    ) -> list:
+        """Generates after `prompt` [B, T] attending to `states` [B or 1, S, C] (image or question embeddings;
+        one row of them is shared by all rows, each attending to what its row of `mask` selects)."""
+        # two requests taking turns, each step reading the other's outputs where they lie: copying the grown
+        # cache and the logits out of every step took 0.45 of a 6 ms step (an output stays valid until its
+        # request runs again, and by then the other request has read it)
+        requests = [self._parts["decoder"].create_infer_request() for _ in range(2)]
+        turn = 0
 
         def step(
             ids: np.ndarray, past: np.ndarray, s: np.ndarray, m: np.ndarray
         ) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal turn
+            request, turn = requests[turn], 1 - turn
             # share_inputs: the states are the same at every step; don't copy them
             out = request.infer(
-                {"input_ids": ids, "past_kv": past, "encoder_states": s, "cross_mask": m}, share_inputs=True
+                {"input_ids": ids, "past_kv": past, "encoder_states": s, "cross_mask": m},
+                share_inputs=True,
+                share_outputs=True,
             )
             return out["logits"], out["present_kv"]
 
         past = np.zeros(self._past_shape(prompt.shape[0]), dtype=np.float32)
-        search = greedy if settings.num_beams == 1 else beam_search
+        beams = settings.num_beams if isinstance(settings, Settings) else 1
+        search = greedy if beams == 1 else beam_search
         return search(step, prompt, past, np.ascontiguousarray(states), mask, self.tokens["eos"], settings)
 
     def _settings(self, task: str, overrides: dict[str, Any]) -> Settings:
@@ -330,6 +343,45 @@ class Blip:
                 flat.append(self._generated(seq.tokens, seq.token_logprobs))
         it = iter(flat)
         return [[next(it) for _ in qs] for qs in questions]
+
+    def caption_and_answer(
+        self,
+        images: Images,
+        questions: Sequence[Sequence[str]],
+        prompt: str | None = None,
+        caption: dict[str, Any] | None = None,
+        answer: dict[str, Any] | None = None,
+    ) -> tuple[list[Generated], list[list[Generated]]]:
+        """`caption(images, prompt, **caption)` and `answer(images, questions, **answer)` in one call, with
+        the same results. One image's caption and answers (greedy, no prompt) are decoded in one batch over
+        its embeddings and its questions' side by side: a decoder step costs nearly the same for four rows
+        as for one (10.6 ms, against 7.7 for the caption's alone and 7.0 for three answers', full-size)."""
+        caption, answer = caption or {}, answer or {}
+        c_settings, a_settings = self._settings("caption", caption), self._settings("answer", answer)
+        if self.captioner is not self:
+            return self.caption(images, prompt, **caption), self.answer(images, questions, **answer)
+        embeds = self.encode(images)
+        greedy_both = c_settings.num_beams == a_settings.num_beams == 1
+        if (
+            len(embeds) != 1
+            or len(questions) != 1
+            or not questions[0]
+            or prompt is not None
+            or not greedy_both
+        ):
+            return self.caption(embeds, prompt, **caption), self.answer(embeds, questions, **answer)
+        n = len(questions[0])
+        q_embeds, q_mask = self._questions(embeds, [0] * n, questions[0])
+        image_tokens, width = embeds.shape[1], q_mask.shape[1]
+        states = np.concatenate([embeds[0], q_embeds.reshape(n * width, -1)])[None]
+        mask = np.zeros((1 + n, states.shape[1]), dtype=np.int64)
+        mask[0, :image_tokens] = 1
+        for i in range(n):
+            mask[1 + i, image_tokens + i * width : image_tokens + (i + 1) * width] = q_mask[i]
+        start = np.full((1 + n, 1), self.tokens["decoder_start"], dtype=np.int64)
+        seqs = self._decode(start, states, mask, [c_settings] + [a_settings] * n)
+        generated = [self._generated(seq.tokens, seq.token_logprobs) for seq in seqs]
+        return generated[:1], [generated[1:]]
 
     def rank(
         self,

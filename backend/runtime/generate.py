@@ -5,6 +5,9 @@ The step function is the `decoder` IR (model_build/graphs.py, `DecoderStep`):
     step(input_ids [B,T], past_kv [L,2,B,H,P,D], encoder_states [B,S,C], cross_mask [B,S])
         -> logits [B,T,V], present_kv [L,2,B,H,P+T,D]
 
+States of one row ([1,S,C]) are shared by all rows, each attending to the part its cross_mask
+selects: how one image's caption and its questions' answers are decoded in one batch.
+
 Greedy and beam search follow transformers' `generate` exactly (the parity tests compare token
 ids), including how repetition penalty and minimum length act on the scores. Besides the tokens,
 each result carries the model's own log-probability of every generated token, from which the
@@ -14,6 +17,7 @@ runtime derives its confidence score.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,14 +54,21 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _penalize_repeats(scores: np.ndarray, history: np.ndarray, penalty: float) -> np.ndarray:
-    """transformers' RepetitionPenaltyLogitsProcessor: every token already in a row is made less likely."""
-    if penalty == 1.0:
+def _penalize_repeats(scores: np.ndarray, history: np.ndarray, penalty: float | np.ndarray) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor: every token already in a row is made less likely.
+    `penalty`: one for all rows, or one per row."""
+    if np.all(penalty == 1.0):
         return scores
     rows = np.arange(scores.shape[0])[:, None]
     seen = scores[rows, history]
+    penalty = np.reshape(penalty, (-1, 1))
     scores[rows, history] = np.where(seen < 0, seen * penalty, seen / penalty)
     return scores
+
+
+def _rows(states: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The states of these rows; states of one row are every row's."""
+    return states if len(states) == 1 else states[rows]
 
 
 def greedy(
@@ -67,32 +78,36 @@ def greedy(
     states: np.ndarray,
     cross_mask: np.ndarray,
     eos: int,
-    settings: Settings,
+    settings: Settings | Seq[Settings],
 ) -> list[Sequence]:
-    """Greedy decoding of a batch; rows that reach eos leave the batch so they cost nothing more."""
+    """Greedy decoding of a batch, with one `settings` for all rows or one per row (their num_beams
+    ignored); rows that reach eos or their max_new_tokens leave the batch so they cost nothing more."""
     batch = prompt.shape[0]
+    per_row = [settings] * batch if isinstance(settings, Settings) else list(settings)
+    max_new = np.array([s.max_new_tokens for s in per_row])
+    min_new = np.array([s.min_new_tokens for s in per_row])
+    penalty = np.array([s.repetition_penalty for s in per_row])
     history = prompt.copy()
     tokens: list[list[int]] = [[] for _ in range(batch)]
     logprobs: list[list[float]] = [[] for _ in range(batch)]
     alive = np.arange(batch)  # original row of each row still decoding
     ids = prompt
-    for t in range(settings.max_new_tokens):
+    for t in range(int(max_new.max())):
         logits, past = step(ids, past, states, cross_mask)
         raw = logits[:, -1].astype(np.float32)
-        scores = _penalize_repeats(raw.copy(), history, settings.repetition_penalty)
-        if t < settings.min_new_tokens:
-            scores[:, eos] = NEG_INF
+        scores = _penalize_repeats(raw.copy(), history, penalty[alive])
+        scores[t < min_new[alive], eos] = NEG_INF
         nxt = scores.argmax(-1)
         model_lp = log_softmax(raw)[np.arange(len(nxt)), nxt]
         for row, tok, lp in zip(alive, nxt, model_lp):
             tokens[row].append(int(tok))
             logprobs[row].append(float(lp))
-        keep = nxt != eos
+        keep = (nxt != eos) & (t + 1 < max_new[alive])
         if not keep.any():
             break
         if not keep.all():
             alive, nxt, history = alive[keep], nxt[keep], history[keep]
-            past, states, cross_mask = past[:, :, keep], states[keep], cross_mask[keep]
+            past, states, cross_mask = past[:, :, keep], _rows(states, keep), cross_mask[keep]
         history = np.concatenate([history, nxt[:, None]], axis=1)
         ids = nxt[:, None]
     return [Sequence(t, lp) for t, lp in zip(tokens, logprobs)]
@@ -119,7 +134,7 @@ def beam_search(
     # num_beams first choices are distinct tokens
     expand = np.repeat(np.arange(batch), n_beams)
     seqs = prompt[expand]
-    past, states, cross_mask = past[:, :, expand], states[expand], cross_mask[expand]
+    past, states, cross_mask = past[:, :, expand], _rows(states, expand), cross_mask[expand]
     beam_scores = np.zeros((batch, n_beams))
     beam_scores[:, 1:] = -1e9
     model_lps = np.zeros((batch * n_beams, 0))

@@ -7,8 +7,8 @@ values over all 577 image tokens (or the question tokens). Every call runs the v
 again: a caption and three questions about one image encode that image four times.
 
 Unlike the notebook as users run it (bench/notebook_faithful.py, the bench's "notebook" contender),
-the encoders are the same NNCF-quantized IRs this project builds (same calibration, same settings;
-our question encoder is two IRs, run back to back here), the decoder is this project's re-expressed
+the encoders are the same NNCF-quantized IRs this project builds (same calibration, same settings),
+the decoder is this project's re-expressed
 decoder step with the notebook's cross-attention (keys and values projected from the encoder states at
 every step; INT8_ASYM weight compression), every
 IR is compiled with this project's settings (f32 execution, LATENCY hint), and decoding is a plain
@@ -93,7 +93,6 @@ class NotebookPipeline:
         config = ov_config("CPU", threads, None)
         xml = lambda part: manifest.part_xml("int8", part)  # noqa: E731
         self.vision = core.compile_model(xml("vision"), "CPU", config)
-        self.text_encoder_kv = core.compile_model(xml("text_encoder_kv"), "CPU", config)
         self.text_encoder = core.compile_model(xml("text_encoder"), "CPU", config)
         self.words = np.load(manifest.part_table("int8", "text_encoder"), mmap_mode="r")  # its table's rows
         self.decoder = core.compile_model(decoder_xml, "CPU", config)
@@ -126,10 +125,8 @@ class NotebookPipeline:
     def answer(self, image: Image.Image, question: str, new_tokens: int = 10, stop: bool = False) -> str:
         embeds = self.encode(image)
         ids, mask = self.codec.encode([question])
-        image_kv = self.text_encoder_kv({"encoder_states": embeds})[0]
-        index = np.zeros(1, np.int64)
         q = self.text_encoder(
             {"word_embeds": self.words[ids].astype(np.float32), "attention_mask": mask}
-            | {"image_kv": image_kv, "image_index": index}
+            | {"encoder_states": embeds}
         )[0]
         return self.codec.decode(self._greedy(q, mask, new_tokens, stop))

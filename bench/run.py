@@ -238,7 +238,7 @@ def backend_throughput(
 
 def interactive_latency(url: str, side: int, repeats: int) -> dict[str, float]:
     """Median ms of an interactive /predict (a question typed while labeling): the first question about
-    an image (download, vision encoder, the question encoder's image K/V, the answer) and a follow-up
+    an image (download, vision encoder, the question encoder, the answer) and a follow-up
     about the same image (the embedding cache skips all but the question and its answer)."""
 
     def ask(image: str, question: str) -> float:

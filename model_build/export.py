@@ -20,7 +20,7 @@ import torch
 
 from backend.runtime.manifest import FORMAT, MANIFEST, WORD_TABLE, file_entry
 from model_build.calibration import Calibration, synthetic, with_questions
-from model_build.graphs import CrossKV, DecoderStep, TextEncoder, VisionEncoder
+from model_build.graphs import DecoderStep, TextEncoder, VisionEncoder
 from model_build.quantize import QuantSettings
 from model_build.source import BuildError, Checkpoint, load_checkpoint
 
@@ -280,26 +280,14 @@ def example_graphs(model: torch.nn.Module, answers: bool = True) -> dict[str, tu
     }
     kv_shape = [layers, 2, -1, heads, -1, head_size]
     if answers and hasattr(model, "text_encoder"):
-        graphs["text_encoder_kv"] = (
-            CrossKV(model.text_encoder.encoder.layer, heads),
-            (torch.zeros(2, n_img, width),),
-            [("encoder_states", [-1, -1, width], f32)],
-            ["image_kv"],
-        )
         words = model.text_encoder.embeddings.word_embeddings
         graphs["text_encoder"] = (
             TextEncoder(model.text_encoder),
-            (
-                words(question),
-                torch.ones_like(question),
-                torch.zeros(layers, 2, 3, heads, n_img, head_size),
-                torch.tensor([2, 0]),
-            ),
+            (words(question), torch.ones_like(question), torch.zeros(2, n_img, width)),
             [
                 ("word_embeds", [-1, -1, tcfg.hidden_size], f32),
                 ("attention_mask", [-1, -1], i64),
-                ("image_kv", kv_shape, f32),
-                ("image_index", [-1], i64),
+                ("encoder_states", [-1, -1, width], f32),
             ],
             ["question_embeds"],
         )

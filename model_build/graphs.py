@@ -2,26 +2,25 @@
 
 transformers' text models recompute every cross-attention key and value from the image at each call
 (per question, per generated token) and keep the decoder's cache in `Cache` objects, so the question
-encoder and the decoder are re-expressed here over the checkpoint's own weights:
+encoder and the decoder are re-expressed here over the checkpoint's own weights, and neither computes
+keys or values of the states it attends to (`_attend_states` says how, and why):
 
-- `CrossKV` (`text_encoder_kv`): image embeddings -> the question encoder's cross-attention keys and
-  values of every layer, once per image instead of once per question about it.
-- `TextEncoder`: questions' word embeddings + their images' precomputed K/V -> question embeddings.
-  The word-embedding table stays outside the graph (serving looks its rows up from a file): inside
-  it, OpenVINO's CPU plugin unpacks the table to f32 once the part holds INT8 operations (94 MB
+- `TextEncoder`: questions' word embeddings + the embeddings of the image each is about -> question
+  embeddings. The word-embedding table stays outside the graph (serving looks its rows up from a file):
+  inside it, OpenVINO's CPU plugin unpacks the table to f32 once the part holds INT8 operations (94 MB
   full-size, for the ~10 rows a question reads).
 - `DecoderStep`: new token ids + explicit self-attention cache + the states it attends to (image
   embeddings for captions, question embeddings for answers) -> logits and the grown cache. Serving
-  drives it from a numpy loop (backend/runtime/generate.py). Its cross-attention never materialises
-  keys and values: `_attend_states` says how, and why.
+  drives it from a numpy loop (backend/runtime/generate.py).
+
+Both take states of one row ([1, S, C]) as every row's: the questions about one image, or one image's
+caption and answers, attend to one copy of them.
 
 Shapes (L layers, H heads, D head size, E encoder width, V vocab):
-    image_kv  [L, 2, N, H, S, D]      the question encoder's cross K/V of N images, keys at index 0
-    image_index [B]                   which of the N images each question is about
     past_kv   [L, 2, B, H, P, D]      P = tokens already decoded (0 on the first call)
     input_ids [B, T]                  T new tokens (the prompt on the first call, then 1)
     word_embeds [B, Q, E]             a question's Q tokens' rows of the word-embedding table
-    encoder_states [B, S, C]          what the decoder attends to: S tokens of width C
+    encoder_states [B or 1, S, C]     what is attended to: S tokens of width C
     logits    [B, T, V]
 """
 
@@ -66,66 +65,11 @@ class VisionEncoder(nn.Module):
         return self.vision_model(pixel_values=pixel_values).last_hidden_state
 
 
-class CrossKV(nn.Module):
-    """encoder_states [B, S, E] -> image_kv [L, 2, B, H, S, D] of every layer's cross-attention"""
-
-    def __init__(self, layers: nn.ModuleList, n_heads: int) -> None:
-        super().__init__()
-        self.layers, self.n_heads = layers, n_heads
-
-    def forward(self, encoder_states: torch.Tensor) -> torch.Tensor:
-        kv = []
-        for layer in self.layers:
-            att = layer.crossattention.self
-            k = _heads(att.key(encoder_states), self.n_heads)
-            v = _heads(att.value(encoder_states), self.n_heads)
-            kv.append(torch.stack([k, v]))
-        return torch.stack(kv)
-
-
-class TextEncoder(nn.Module):
-    """(word_embeds [B,Q,E], attention_mask [B,Q], image_kv, image_index [B]) -> question_embeds [B,Q,E]
-
-    transformers' BlipTextModel with encoder_hidden_states, except that each layer's cross-attention
-    keys and values come precomputed (`CrossKV` over the image embeddings), and question i attends
-    to image image_index[i]: three questions about one image pay for its keys and values once.
-    """
-
-    def __init__(self, text_encoder: nn.Module) -> None:
-        super().__init__()
-        self.embeddings = text_encoder.embeddings
-        self.layers = text_encoder.encoder.layer
-        self.n_heads = text_encoder.config.num_attention_heads
-
-    def forward(
-        self,
-        word_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        image_kv: torch.Tensor,
-        image_index: torch.Tensor,
-    ) -> torch.Tensor:
-        emb = self.embeddings
-        positions = torch.arange(word_embeds.shape[1])
-        h = emb.LayerNorm(word_embeds + emb.position_embeddings(positions)[None])
-        bias = _padding_bias(attention_mask)
-        for i, layer in enumerate(self.layers):
-            sa = layer.attention.self
-            q, k, v = (_heads(proj(h), self.n_heads) for proj in (sa.query, sa.key, sa.value))
-            h = layer.attention.output(_merge_heads(_attend(q, k, v, bias)), h)
-
-            q = _heads(layer.crossattention.self.query(h), self.n_heads)
-            k, v = image_kv[i, 0, image_index], image_kv[i, 1, image_index]  # [B, H, S, D]
-            h = layer.crossattention.output(_merge_heads(_attend(q, k, v, None)), h)
-
-            h = layer.output(layer.intermediate(h), h)
-        return h
-
-
 def _attend_states(
-    attention: nn.Module, q: torch.Tensor, states: torch.Tensor, bias: torch.Tensor
+    attention: nn.Module, q: torch.Tensor, states: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Cross-attention of queries q [B, T, H, D] over states [B, S, C] -> context [B, T, H*D], without
-    keys or values of the S states.
+    """Cross-attention of queries q [B, T, H, D] over states [B or 1, S, C] (bias [B, 1, 1, S] or None)
+    -> context [B, T, H*D], without keys or values of the S states.
 
     A head's score of state s is q_h . (W_k_h s + b_k_h) = (q_h W_k_h) . s + q_h . b_k_h: the query is
     projected into the states' width instead of every state into keys, and the bias term, equal for all
@@ -133,7 +77,9 @@ def _attend_states(
     W_v_h (sum_s p_s s) + b_v_h, the weights summing to 1. Decoding then reads the states (1.8 MB per
     image, full-size) at each step instead of 12 layers of keys and values (42 MB), which made a step's
     time and memory grow with every image in the batch: 8 captions at a time took 20 instead of 27 ms a
-    step, and the keys and values are no longer computed at all (README, "Performance").
+    step, and the keys and values are no longer computed at all (README, "Performance"). In the question
+    encoder, three questions about an image took 11 ms instead of 27 for the image's keys and values and
+    the questions over them.
     """
     b, t, h, d = q.shape
     width = states.shape[-1]
@@ -143,12 +89,47 @@ def _attend_states(
     # multiplications per layer and step)
     spread = (q[:, :, :, None, :] * (eye[:, :, None] / d**0.5)).reshape(b, t, h, h * d)
     queries = (spread @ attention.key.weight).reshape(b, t * h, width)  # [B, T*H, C]
-    scores = queries @ states.transpose(1, 2) + bias[:, 0]  # [B, T*H, S]
+    scores = queries @ states.transpose(1, 2)  # [B, T*H, S]
+    if bias is not None:
+        scores = scores + bias[:, 0]
     mixed = (scores.softmax(-1) @ states).reshape(b, t, h, width)  # [B, T, H, C]
     # each head's rows through W_v, then head i's block of its own row
     projected = nn.functional.linear(mixed, attention.value.weight).reshape(b, t, h * h, d)
     own = projected[:, :, torch.arange(h) * (h + 1)]  # [B, T, H, D]
     return (own + attention.value.bias.view(h, d)).reshape(b, t, h * d)
+
+
+class TextEncoder(nn.Module):
+    """(word_embeds [B,Q,E], attention_mask [B,Q], encoder_states [B or 1,S,C]) -> question_embeds [B,Q,E]
+
+    transformers' BlipTextModel with encoder_hidden_states: question i about image embeddings i, or all
+    of them about the one image given.
+    """
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.embeddings = text_encoder.embeddings
+        self.layers = text_encoder.encoder.layer
+        self.n_heads = text_encoder.config.num_attention_heads
+
+    def forward(
+        self, word_embeds: torch.Tensor, attention_mask: torch.Tensor, encoder_states: torch.Tensor
+    ) -> torch.Tensor:
+        emb = self.embeddings
+        b, n_tokens = word_embeds.shape[:2]
+        h = emb.LayerNorm(word_embeds + emb.position_embeddings(torch.arange(n_tokens))[None])
+        bias = _padding_bias(attention_mask)
+        for layer in self.layers:
+            sa = layer.attention.self
+            q, k, v = (_heads(proj(h), self.n_heads) for proj in (sa.query, sa.key, sa.value))
+            h = layer.attention.output(_merge_heads(_attend(q, k, v, bias)), h)
+
+            ca = layer.crossattention.self
+            q = ca.query(h).view(b, n_tokens, self.n_heads, -1)
+            h = layer.crossattention.output(_attend_states(ca, q, encoder_states, None), h)
+
+            h = layer.output(layer.intermediate(h), h)
+        return h
 
 
 class DecoderStep(nn.Module):

@@ -1,6 +1,6 @@
 """NNCF INT8: post-training quantization of the encoders, weight compression of the decoder.
 
-The vision encoder and the question encoder (`text_encoder_kv` and `text_encoder`) get full INT8
+The vision encoder and the question encoder (`text_encoder`) get full INT8
 (weights and activations) with NNCF's transformer preset, calibrated on the user's images and
 questions. The decoder gets weight-only compression: quantizing its activations costs accuracy
 (DESIGN.md), and its step is bound by weight reads anyway. Every
@@ -129,7 +129,7 @@ class Calibration:
     FP16. Only the images whose questions make up the text encoder's subset are encoded.
     """
 
-    PARTS = ("vision", "text_encoder_kv", "text_encoder")  # in this order: each needs the one before
+    PARTS = ("vision", "text_encoder")  # in this order: each needs the one before
 
     def __init__(self, blip: Blip, samples: list[Sample], subset_size: int, int8_dir: Path) -> None:
         self.blip, self.samples, self.subset_size, self.int8_dir = blip, samples, subset_size, int8_dir
@@ -141,7 +141,6 @@ class Calibration:
             if questions := s.questions[:QUESTIONS_PER_IMAGE]:
                 self.chosen.append((s, questions))
                 n_questions += len(questions)
-        self._embeds = np.zeros((0, 0, 0), np.float32)
 
     def dataset(self, part: str) -> tuple[nncf.Dataset, int, str]:
         """(the dataset, its number of items, what an item is)"""
@@ -151,23 +150,15 @@ class Calibration:
                 {"pixel_values": pixel_values([s.image], settings)} for s in self.samples[: self.subset_size]
             ]
             return nncf.Dataset(images), len(images), "images"
-        if part == "text_encoder_kv":
-            self._embeds = encode_images(self._int8("vision"), [s.image for s, _ in self.chosen], settings)
-            embeds = [{"encoder_states": e[None]} for e in self._embeds]
-            return nncf.Dataset(embeds), len(embeds), "images"
         if part == "text_encoder":
+            embeds = encode_images(self._int8("vision"), [s.image for s, _ in self.chosen], settings)
             items = [(j, q) for j, (_, qs) in enumerate(self.chosen) for q in qs][: self.subset_size]
-            image_kv = self._int8("text_encoder_kv").create_infer_request()
-            last: dict[int, np.ndarray] = {}  # an image's keys/values (42 MB full-size) for its next question
 
             def question(item: tuple[int, str]) -> dict[str, np.ndarray]:
                 j, q = item
-                if j not in last:
-                    last.clear()
-                    last[j] = image_kv.infer({"encoder_states": self._embeds[j : j + 1]})[0]
                 ids, mask = self.blip.text_codec.encode([q])
                 inputs = {"word_embeds": self.blip.embed_words(ids), "attention_mask": mask}
-                return inputs | {"image_kv": last[j], "image_index": np.zeros(1, np.int64)}
+                return inputs | {"encoder_states": embeds[j : j + 1]}
 
             return nncf.Dataset(items, question), len(items), "questions"
         raise ValueError(f"{part} is not calibrated")

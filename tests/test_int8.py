@@ -63,7 +63,7 @@ def test_report_and_manifest(int8_dir: Path):
     assert report["gate"] == {**report["gate"], "threshold": 0.99, "by": "target agreement", "passed": True}
     control = report["accuracy_control"]
     assert control["reached"] and control["aim"] == pytest.approx(0.9975)
-    assert [s["part"] for s in control["stages"]] == ["decoder", "vision", "text_encoder_kv", "text_encoder"]
+    assert [s["part"] for s in control["stages"]] == ["decoder", "vision", "text_encoder"]
     assert {"caption_ms", "answer_ms"} <= set(report["latency"]["int8"])
     # the weight-only decoder ships the compression the report names (auto: tried in INT4 first)
     types = weight_types(int8_dir / "int8" / "decoder.xml")

@@ -31,14 +31,13 @@ CHOICES = (
     Batches(caption=4),
     Batches(caption=1),
 )
-# In units of one image's keys/values in the question encoder (Blip.kv_bytes, 42 MB full-size), measured
-# on the full-size model (peaks over 16 tasks: bench/throughput.py's batch_* variants; bench/memory.py for
-# a whole /predict): a request at batch 1 peaks ~6 units over the RSS after loading (its embeddings,
-# 20-token caption decoding, the question encoder, the request body); one more image per vision call
-# adds 0.7 units, per caption call 0.1 (the decoder reads each image's embeddings, 1.8 MB, not 42 MB of
-# keys and values as it did), per question-encoder call 2.2.
-REQUEST = 6.0
-PER_IMAGE = {"vision": 0.7, "caption": 0.1, "kv_images": 2.2}
+# In units of one image's embeddings (Blip.embeds_bytes, 1.8 MB full-size), measured on the full-size
+# model (peaks over 16 tasks: bench/throughput.py's batch_* variants; bench/memory.py for a whole
+# /predict): a request at batch 1 peaks ~142 units over the RSS after loading (its embeddings, 20-token
+# caption decoding, the question encoder, the request body); one more image per vision call adds 16.6
+# units, per caption call 2.4.
+REQUEST = 142.0
+PER_IMAGE = {"vision": 16.6, "caption": 2.4}
 PHOTO_MB = 36  # a 12-MP photo while it is decoded, before it is resized; FETCH_THREADS decode at once
 
 
@@ -55,11 +54,11 @@ def from_env() -> int | None:
     return positive_int(ENV)
 
 
-def choose(loaded_mb: float, kv_mb: float, budget_mb: int, cache_mb: int) -> Fit:
+def choose(loaded_mb: float, unit_mb: float, budget_mb: int, cache_mb: int) -> Fit:
     """The fastest batches whose estimated peak stays within `budget_mb`, and the cache that still fits."""
-    base = loaded_mb + REQUEST * kv_mb + FETCH_THREADS * PHOTO_MB
+    base = loaded_mb + REQUEST * unit_mb + FETCH_THREADS * PHOTO_MB
     for batches in CHOICES:
-        extra = sum(PER_IMAGE[name] * (getattr(batches, name) - 1) for name in PER_IMAGE) * kv_mb
+        extra = sum(PER_IMAGE[name] * (getattr(batches, name) - 1) for name in PER_IMAGE) * unit_mb
         need = math.ceil(base + extra)  # whole MiB, so that the cache and the peak add up exactly
         if need <= budget_mb:
             cache = max(0, min(cache_mb, budget_mb - need))
@@ -76,11 +75,11 @@ def fit(blip: Blip, budget_mb: int | None, cache_mb: int) -> int:
     if loaded is None:
         log.warning("%s=%d is ignored: this system does not report the process's memory", ENV, budget_mb)
         return cache_mb
-    kv_mb = max(blip.kv_bytes, blip.captioner.kv_bytes) / (1 << 20)
-    chosen = choose(loaded, kv_mb, budget_mb, cache_mb)
+    unit_mb = max(blip.embeds_bytes, blip.captioner.embeds_bytes) / (1 << 20)
+    chosen = choose(loaded, unit_mb, budget_mb, cache_mb)
     blip.use(chosen.batches)
     b = chosen.batches
-    sizes = f"vision {b.vision}, captions {b.caption}, answers {b.answer}, image K/V {b.kv_images}"
+    sizes = f"vision {b.vision}, captions {b.caption}, answers {b.answer}"
     if chosen.fits:
         log.info(
             "%s=%d: %.0f MiB after loading; per call: %s; embedding cache %d MiB (%d asked); peak ~%d MiB",

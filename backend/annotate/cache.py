@@ -4,9 +4,8 @@
     cache.put(model, digest, "embeds", embeddings)        # [1, S, E] of one image
     cache.get(model, digest, "embeds")                    # the same array, or None
 
-An entry is one array of one image: its embeddings from one vision encoder ("embeds"), or the question
-encoder's keys/values of it ("image_kv", 42 MB per image on a full-size model against 1.8 MB of
-embeddings). Entries are keyed by the model (Blip.encoder_key: the build and precision), the digest of
+An entry is one array of one image: its embeddings from one vision encoder ("embeds", 1.8 MB on a
+full-size model). Entries are keyed by the model (Blip.encoder_key: the build and precision), the digest of
 the image (sha256 of the file's bytes, or of the data URI) and the kind, so a changed file is another
 image, and the cache keeps at most `max_bytes` of arrays and `max_images` distinct images, dropping the
 least recently used first.
@@ -34,7 +33,7 @@ import numpy as np
 from backend.runtime.env import whole
 
 ENV = "EMBEDDING_CACHE_MB"
-DEFAULT_MB = 256  # a full-size model: ~6 images with their question K/V, or ~140 images' embeddings alone
+DEFAULT_MB = 256  # a full-size model: ~140 images' embeddings
 MAX_IMAGES = 1024  # distinct images, whatever their size (the tiny test model's take a few KB)
 MAX_SOURCES = 8192  # URLs remembered with their digest and validators (a few hundred bytes each)
 

@@ -8,12 +8,13 @@ the task id.
 A `/predict` call is cut into chunks of CHUNK tasks (bounded memory); in each chunk every image is
 fetched once and encoded once by each vision encoder it needs (a paired caption model has its own),
 all captions with the same prompt are one call, all generated answers are one call and choices are
-ranked in one call per (question, candidates).
+ranked in one call per (question, candidates); a request about one image decodes its caption and
+answers together.
 
 With an EmbeddingCache (backend/annotate/cache.py), an image whose embeddings are kept is neither
-downloaded again (when its URL provably still holds the same file) nor encoded again, and interactive
-requests (`interactive()`, backend/annotate/interactive.py) also keep the question encoder's keys/values
-of the image, so a follow-up question about a task costs only the question and its answer.
+downloaded again (when its URL provably still holds the same file) nor encoded again: a follow-up
+question typed while labeling (`interactive()`, backend/annotate/interactive.py) costs only the question
+and its answer.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class Predictor:
         # one inference at a time: OpenVINO already uses every core for one call, and THREADS>1
         # gunicorn threads running models side by side would only oversubscribe them
         self.lock = threading.Lock()
-        self.counts = {"images_encoded": 0, "image_kv_computed": 0, "images_fetched": 0, "images_kept": 0}
+        self.counts = {"images_encoded": 0, "images_fetched": 0, "images_kept": 0}
         self._count_lock = threading.Lock()
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -379,17 +380,6 @@ class Predictor:
                     work.images[img].kept[name] = own
         return out
 
-    def _image_kv(self, work: _Work, img: int, embeds: np.ndarray) -> np.ndarray:
-        """The question encoder's keys/values of one image, kept in the cache."""
-        name, digest = self.blip.encoder_key, work.images[img].digest
-        kv = self.cache.get(name, digest, "image_kv") if digest is not None else None
-        if kv is None:
-            kv = self.blip.image_kv(embeds)
-            self._count("image_kv_computed")
-            if digest is not None:
-                self.cache.put(name, digest, "image_kv", kv)
-        return kv
-
     # -- interactive -----------------------------------------------------------------------------
 
     def interactive(
@@ -441,9 +431,8 @@ class Predictor:
             for q in request.questions:
                 img = work.image_of[(0, q.image_field)]
                 embeds = _rows(self._encode(work, self.blip, {img}), [img])
-                kv = self._image_kv(work, img, embeds)
                 texts = [i for i in q.into if i.ask.type == "textarea"]
-                gen = self.blip.answer(embeds, [[q.text]], image_kv=kv)[0][0] if texts else None
+                gen = self.blip.answer(embeds, [[q.text]])[0][0] if texts else None
                 if gen is not None and not gen.text:
                     log.info("task %s: interactive: BLIP has no answer to %r", task_id, q.text)
                 elif gen is not None:
@@ -452,7 +441,7 @@ class Predictor:
                         results.append(_textarea(i.ask, gen.text, gen.score, kept, origin=True))
                 for i in q.into:
                     if i.ask.type == "choices":
-                        ranked = self.blip.rank(embeds, q.text, i.ask.candidates, image_kv=kv)[0]
+                        ranked = self.blip.rank(embeds, q.text, i.ask.candidates)[0]
                         results.append({**_choices(i.ask, ranked.scores), "origin": "prediction"})
             captioner = self.blip.captioner
             for c in request.captions:

@@ -6,8 +6,6 @@
     blip.answer(embeds, [["what colour is the circle?"], ...])
     blip.caption_and_answer(embeds, [["what colour is it?"]])  # both; one image's decoded together
     blip.rank(embeds, "what shape is it?", ["circle", "square"])
-    kv = blip.image_kv(embeds)                  # the question encoder's image K/V, to keep for more questions
-    blip.answer(embeds, [["how many?"]], image_kv=kv)
 
 Scores are in [0, 1]. A generated text's score is the geometric mean of the probabilities the
 model gave its tokens (end-of-text included): 0.9 means the model was, on average, 90% sure of
@@ -47,15 +45,13 @@ class Batches:
       1.8 MB) at every step. 16 images took 2.24 s one at a time, 1.14 s four at a time, 0.98 s eight
       and 0.95 s sixteen at a time, with the same peak (bench/throughput.py's batch_* variants).
     - answer: questions decoded together (their cross-attention holds the question's tokens only).
-    - kv_images: images per question-encoder call (their keys/values, 42 MB each): 16 tasks (caption + 3
-      questions) peaked 90 MiB lower with one than with two (1159 vs 1251 MiB) at the same speed (median
-      of 9 runs, 8.5 vs 8.9 s); four had peaked 200 MB higher than two.
+
+    The question encoder takes one image's questions per call, attending to one copy of its embeddings.
     """
 
     vision: int = 1
     caption: int = 8
     answer: int = 16
-    kv_images: int = 1
 
 
 RANK_ELEMENTS = 16 << 20  # logits floats per ranking chunk
@@ -205,13 +201,11 @@ class Blip:
         self.batches = self.captioner.batches = batches
 
     @property
-    def kv_bytes(self) -> int:
-        """The bytes of one image's keys/values in the question encoder's cross-attention (f32), the unit
-        backend/annotate/budget.py counts memory in: 42 MB on a full-size model (12 layers x 2 x 577 image
-        tokens x 768 x 4 bytes)."""
-        tokens = self._parts["vision"].output(0).get_partial_shape()[1].get_length()
-        text = self.manifest.data["text"]
-        return text["layers"] * 2 * tokens * text["heads"] * text["head_size"] * 4
+    def embeds_bytes(self) -> int:
+        """The bytes of one image's embeddings (f32), the unit backend/annotate/budget.py counts memory in:
+        1.8 MB on a full-size model (577 image tokens x 768)."""
+        shape = self._parts["vision"].output(0).get_partial_shape()
+        return shape[1].get_length() * shape[2].get_length() * 4
 
     @property
     def encoder_key(self) -> str:
@@ -319,14 +313,9 @@ class Blip:
         return results
 
     def answer(
-        self,
-        images: Images,
-        questions: Sequence[Sequence[str]],
-        image_kv: np.ndarray | None = None,
-        **generation: Any,
+        self, images: Images, questions: Sequence[Sequence[str]], **generation: Any
     ) -> list[list[Generated]]:
-        """questions[i] are asked of image i; returns the answers in the same nesting. `image_kv`: the
-        images' keys/values from `image_kv()`, computed again when not given."""
+        """questions[i] are asked of image i; returns the answers in the same nesting."""
         settings = self._settings("answer", generation)
         embeds = self.encode(images)
         if len(questions) != len(embeds):
@@ -334,7 +323,7 @@ class Blip:
         pairs = [(i, q) for i, qs in enumerate(questions) for q in qs]
         if not pairs:
             return [[] for _ in questions]
-        q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs], image_kv)
+        q_embeds, q_mask = self._questions(embeds, [i for i, _ in pairs], [q for _, q in pairs])
         flat: list[Generated] = []
         for c in range(0, len(pairs), self.batches.answer):
             chunk = slice(c, c + self.batches.answer)
@@ -383,15 +372,8 @@ class Blip:
         generated = [self._generated(seq.tokens, seq.token_logprobs) for seq in seqs]
         return generated[:1], [generated[1:]]
 
-    def rank(
-        self,
-        images: Images,
-        question: str,
-        candidates: Sequence[str],
-        image_kv: np.ndarray | None = None,
-    ) -> list[Ranked]:
-        """Per image, the candidate answer to `question` the model finds most likely, with all scores.
-        `image_kv` as for `answer`."""
+    def rank(self, images: Images, question: str, candidates: Sequence[str]) -> list[Ranked]:
+        """Per image, the candidate answer to `question` the model finds most likely, with all scores."""
         if not candidates:
             raise ValueError("rank needs at least one candidate")
         embeds = self.encode(images)
@@ -406,7 +388,7 @@ class Blip:
         results: list[Ranked] = []
         for i in range(0, len(embeds), per_chunk):
             idx = list(range(i, min(i + per_chunk, len(embeds))))
-            q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx), image_kv)
+            q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx))
             rows = np.repeat(np.arange(len(idx)), n_cand)
             past = np.zeros(self._past_shape(len(rows)), dtype=np.float32)
             logits = self._run(
@@ -428,50 +410,22 @@ class Blip:
                 results.append(Ranked(candidates[best], float(p[best]), dict(zip(candidates, p.tolist()))))
         return results
 
-    def image_kv(self, images: Images) -> np.ndarray:
-        """The question encoder's cross-attention keys/values of these images, [L, 2, N, H, S, D]: what
-        every question about an image starts from. Keep them (and the embeddings) to answer more
-        questions about the same images without running the vision encoder or this part again
-        (42 MB per image on a full-size model)."""
-        if "answer" not in self.tasks:
-            raise ValueError("this model only captions (its checkpoint has no question encoder)")
-        return self._run("text_encoder_kv", {"encoder_states": self.encode(images)})
-
-    # -- helpers ---------------------------------------------------------------------------------
-
     def _questions(
-        self,
-        embeds: np.ndarray,
-        image_index: Sequence[int],
-        questions: Sequence[str],
-        image_kv: np.ndarray | None = None,
+        self, embeds: np.ndarray, image_index: Sequence[int], questions: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Question i about image image_index[i] -> (question embeddings [B, Q, E], mask [B, Q]).
-
-        The question encoder's keys and values of an image are computed once for all its questions,
-        `batches.kv_images` images at a time, or taken from `image_kv` (all the images' K/V, image axis 2).
-        """
+        """Question i about image image_index[i] -> (question embeddings [B, Q, E], mask [B, Q]), the
+        questions about one image (consecutive in `questions`) encoded in one call over its embeddings."""
         if "answer" not in self.tasks:
             raise ValueError("this model only captions (its checkpoint has no question encoder)")
         ids, mask = self.text_codec.encode(questions)  # one width for all, so the chunks concatenate
-        if image_kv is not None:
-            if image_kv.shape[2] != len(embeds):
-                raise ValueError(f"image_kv holds {image_kv.shape[2]} images' keys/values, not {len(embeds)}")
-            rows = np.asarray(image_index, dtype=np.int64)
-            inputs = {"word_embeds": self.embed_words(ids), "attention_mask": mask}
-            inputs |= {"image_kv": image_kv, "image_index": rows}
-            return self._run("text_encoder", inputs), mask
-        chunks, start, per_call = [], 0, self.batches.kv_images
+        chunks, start = [], 0
         while start < len(questions):
-            images: dict[int, int] = {}  # image -> its row in this chunk's image_kv
-            end = start
-            while end < len(questions) and (image_index[end] in images or len(images) < per_call):
-                images.setdefault(image_index[end], len(images))
+            end = start + 1
+            while end < len(questions) and image_index[end] == image_index[start]:
                 end += 1
-            image_kv = self._run("text_encoder_kv", {"encoder_states": embeds[list(images)]})
-            rows = np.array([images[i] for i in image_index[start:end]], dtype=np.int64)
+            img = image_index[start]
             inputs = {"word_embeds": self.embed_words(ids[start:end]), "attention_mask": mask[start:end]}
-            chunks.append(self._run("text_encoder", {**inputs, "image_kv": image_kv, "image_index": rows}))
+            chunks.append(self._run("text_encoder", inputs | {"encoder_states": embeds[img : img + 1]}))
             start = end
         return np.concatenate(chunks), mask
 

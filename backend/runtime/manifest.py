@@ -2,7 +2,7 @@
 
     MODEL_DIR/
       manifest.json
-      fp16/{vision,text_encoder_kv,text_encoder,decoder}.{xml,bin}
+      fp16/{vision,text_encoder,decoder}.{xml,bin}
       fp16/text_encoder.words.npy   the question encoder's word-embedding table (float16), which the
                                     runtime looks up itself; an INT8 build's text_encoder shares it
       processor/            tokenizer.json and the checkpoint's processor files
@@ -26,11 +26,12 @@ MANIFEST = "manifest.json"
 # 2: the question encoder's image keys/values are a part of their own (text_encoder_kv)
 # 3: its word-embedding table is a file of its own (WORD_TABLE), its IR takes the rows (word_embeds)
 # 4: the decoder attends to the encoder states themselves (model_build/graphs.py): no cross_kv part
-FORMAT = 4
+# 5: so does the question encoder: no text_encoder_kv part, its IR takes the image embeddings
+FORMAT = 5
 WORD_TABLE = "text_encoder.words.npy"
 # Parts every model directory has; the text encoder's only when the checkpoint answers questions.
 CAPTION_PARTS = ("vision", "decoder")
-VQA_PARTS = ("vision", "text_encoder_kv", "text_encoder", "decoder")
+VQA_PARTS = ("vision", "text_encoder", "decoder")
 
 
 class ModelDirError(Exception):

@@ -140,8 +140,8 @@ def create_app(
             blip.device,
             time.perf_counter() - t0,
         )
-    # image embeddings (and, for interactive questions, the question encoder's image K/V) kept across
-    # requests: a follow-up question about a task runs neither the download nor the vision encoder
+    # image embeddings kept across requests: a follow-up question about a task runs neither the download
+    # nor the vision encoder
     cache_mb = budget.fit(blip, settings.memory_budget_mb, settings.embedding_cache_mb)
     predictor = Predictor(blip, cache=EmbeddingCache(cache_mb << 20))
     metrics = Metrics()

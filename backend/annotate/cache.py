@@ -1,6 +1,6 @@
 """What the vision encoders made of each image, kept for the next request about it: bounded, LRU.
 
-    cache = EmbeddingCache(mb_from_env() << 20)           # EMBEDDING_CACHE_MB (default 256; 0 turns it off)
+    cache = EmbeddingCache(mb_from_env() << 20)           # EMBEDDING_CACHE_MB (default 64; 0 turns it off)
     cache.put(model, digest, "embeds", embeddings)        # [1, S, E] of one image
     cache.get(model, digest, "embeds")                    # the same array, or None
 
@@ -33,7 +33,10 @@ import numpy as np
 from backend.runtime.env import whole
 
 ENV = "EMBEDDING_CACHE_MB"
-DEFAULT_MB = 256  # a full-size model: ~140 images' embeddings
+# a full-size model: ~37 images' embeddings, the tasks annotators have open and more. A worker's RSS
+# grows by what the cache holds: with 64 it levelled off at ~960 MiB over six 16-task requests, where
+# 256 would add another ~190 MiB (bench/memory.py)
+DEFAULT_MB = 64
 MAX_IMAGES = 1024  # distinct images, whatever their size (the tiny test model's take a few KB)
 MAX_SOURCES = 8192  # URLs remembered with their digest and validators (a few hundred bytes each)
 

@@ -40,7 +40,9 @@ from backend.runtime.preprocess import resized
 
 log = logging.getLogger(__name__)
 
-CHUNK = 32  # tasks whose images are held and encoded together
+# tasks whose images are held and encoded together: a 64-task request peaked at 1133 MiB in chunks of 32,
+# 1017 in chunks of 16 (full-size INT8, bench/load.py), as fast (captions go 8, answers 16 at a time)
+CHUNK = 16
 FETCH_THREADS = 4  # parallel downloads; they wait on the network, not the CPU
 
 # Label Studio's key for a file imported before the config named its field; it renames it on import,

@@ -323,13 +323,8 @@ class Predictor:
             questions = [list(answers[img]) for img in images]
             captioned: dict[str | None, list[Generated]] = {}
             answered: list[list[Generated]] = []
-            if (
-                captioner is blip
-                and list(captions) == [None]
-                and len(images) == 1
-                and set(captions[None]) == set(images)
-            ):
-                # one image's caption and answers, decoded together (faster than one after the other)
+            if captioner is blip and list(captions) == [None] and list(captions[None]) == images:
+                # the same images captioned and asked: Blip decodes one image's caption and answers together
                 captioned[None], answered = blip.caption_and_answer(embeds(blip, images), questions)
             else:
                 for prompt, by_image in captions.items():

@@ -410,6 +410,8 @@ class Blip:
                 results.append(Ranked(candidates[best], float(p[best]), dict(zip(candidates, p.tolist()))))
         return results
 
+    # -- helpers ---------------------------------------------------------------------------------
+
     def _questions(
         self, embeds: np.ndarray, image_index: Sequence[int], questions: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -35,8 +35,8 @@ from model_build.graphs import DecoderStep, _attend, _heads, _merge_heads
 
 
 class DecoderWithCrossAttention(DecoderStep):
-    """(input_ids, past_kv, encoder_states, cross_mask) -> (logits, present_kv): every layer's keys and
-    values of the encoder states recomputed at every step, as the notebook's decoder does."""
+    """(input_ids, past_kv, past_length, encoder_states, cross_mask) -> (logits, new_kv): every layer's
+    keys and values of the encoder states recomputed at every step, as the notebook's decoder does."""
 
     @staticmethod
     def cross_attend(
@@ -59,17 +59,19 @@ def export_decoder(model: nn.Module, out: Path) -> Path:
             example_input=(
                 torch.ones(2, 1, dtype=torch.int64),
                 torch.zeros(layers, 2, 2, heads, 3, head_size),
+                torch.tensor([2]),
                 torch.zeros(2, 5, model.config.vision_config.hidden_size),
                 torch.ones(2, 5, dtype=torch.int64),
             ),
             input=[
                 ("input_ids", [-1, -1], i64),
                 ("past_kv", [layers, 2, -1, heads, -1, head_size], f32),
+                ("past_length", [1], i64),
                 ("encoder_states", [-1, -1, model.config.vision_config.hidden_size], f32),
                 ("cross_mask", [-1, -1], i64),
             ],
         )
-    for port, name in zip(ov_model.outputs, ("logits", "present_kv")):
+    for port, name in zip(ov_model.outputs, ("logits", "new_kv")):
         port.get_tensor().set_names({name})
     ov_model = nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,7 @@ class NotebookPipeline:
         self.codec = TextCodec(
             manifest.model_dir / text["tokenizer"], self.tokens["pad"], text["max_positions"]
         )
-        self.past_shape = (text["layers"], 2, 1, text["heads"], 0, text["head_size"])  # batch 1, empty
+        self.cache_dims = (text["layers"], text["heads"], text["head_size"])
         core = ov.Core()
         config = ov_config("CPU", threads, None)
         xml = lambda part: manifest.part_xml("int8", part)  # noqa: E731
@@ -99,14 +101,22 @@ class NotebookPipeline:
 
     def _greedy(self, states: np.ndarray, mask: np.ndarray, new_tokens: int, stop: bool) -> list[int]:
         request = self.decoder.create_infer_request()
-        past = np.zeros(self.past_shape, np.float32)
+        layers, heads, head_size = self.cache_dims
+        past = np.zeros((layers, 2, 1, heads, new_tokens, head_size), np.float32)  # the model's cache scheme
         ids = np.array([[self.tokens["decoder_start"]]], np.int64)
         out: list[int] = []
-        for _ in range(new_tokens):  # the benchmark forces the length (stop=False) for every contender
+        for t in range(new_tokens):  # the benchmark forces the length (stop=False) for every contender
             result = request.infer(
-                {"input_ids": ids, "past_kv": past, "encoder_states": states, "cross_mask": mask}
+                {
+                    "input_ids": ids,
+                    "past_kv": past,
+                    "past_length": np.array([t]),
+                    "encoder_states": states,
+                    "cross_mask": mask,
+                }
             )
-            logits, past = result["logits"], result["present_kv"]
+            logits = result["logits"]
+            past[:, :, :, :, t : t + 1] = result["new_kv"]
             next_id = int(logits[0, -1].argmax())
             out.append(next_id)
             if stop and next_id == self.tokens["eos"]:

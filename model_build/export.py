@@ -297,16 +297,18 @@ def example_graphs(model: torch.nn.Module, answers: bool = True) -> dict[str, tu
         (
             question[:, :1],
             torch.zeros(layers, 2, 2, heads, 3, head_size),
+            torch.tensor([2]),
             torch.zeros(2, 5, states),
             torch.ones(2, 5, dtype=torch.int64),
         ),
         [
             ("input_ids", [-1, -1], i64),
             ("past_kv", kv_shape, f32),
+            ("past_length", [1], i64),
             ("encoder_states", [-1, -1, states], f32),
             ("cross_mask", [-1, -1], i64),
         ],
-        ["logits", "present_kv"],
+        ["logits", "new_kv"],
     )
     return graphs
 

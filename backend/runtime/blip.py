@@ -117,6 +117,10 @@ def encode_images(
     return np.concatenate(chunks) if chunks else np.zeros((0, 0, 0), np.float32)
 
 
+# tokens a decoding's self-attention cache holds at first (full-size: 0.7 MB per row and 10 tokens)
+CACHE_TOKENS = 32
+
+
 class Blip:
     """A model directory built by `blip-build`, compiled for one OpenVINO device."""
 
@@ -158,7 +162,7 @@ class Blip:
             self.manifest.model_dir / text["tokenizer"], self.tokens["pad"], text["max_positions"]
         )
         self.generation = {task: Settings(**s) for task, s in m["generation"].items()}
-        self._empty_past_shape = (text["layers"], 2, 0, text["heads"], 0, text["head_size"])
+        self._cache_dims = (text["layers"], text["heads"], text["head_size"])
 
         core = ov.Core()
         if cache_dir:
@@ -257,26 +261,31 @@ class Blip:
     ) -> list:
         """Generates after `prompt` [B, T] attending to `states` [B or 1, S, C] (image or question embeddings;
         one row of them is shared by all rows, each attending to what its row of `mask` selects)."""
-        # two requests taking turns, each step reading the other's outputs where they lie: copying the grown
-        # cache and the logits out of every step took 0.45 of a 6 ms step (an output stays valid until its
-        # request runs again, and by then the other request has read it)
-        requests = [self._parts["decoder"].create_infer_request() for _ in range(2)]
-        turn = 0
+        request = self._parts["decoder"].create_infer_request()
 
         def step(
-            ids: np.ndarray, past: np.ndarray, s: np.ndarray, m: np.ndarray
+            ids: np.ndarray, past: np.ndarray, n_past: int, s: np.ndarray, m: np.ndarray
         ) -> tuple[np.ndarray, np.ndarray]:
-            nonlocal turn
-            request, turn = requests[turn], 1 - turn
-            # share_inputs: the states are the same at every step; don't copy them
+            # share_inputs: the states are the same at every step, and the cache is written in place between
+            # steps; share_outputs: the search reads a step's outputs before the next one overwrites them
             out = request.infer(
-                {"input_ids": ids, "past_kv": past, "encoder_states": s, "cross_mask": m},
+                {
+                    "input_ids": ids,
+                    "past_kv": past,
+                    "past_length": np.array([n_past], dtype=np.int64),
+                    "encoder_states": s,
+                    "cross_mask": m,
+                },
                 share_inputs=True,
                 share_outputs=True,
             )
-            return out["logits"], out["present_kv"]
+            return out["logits"], out["new_kv"]
 
-        past = np.zeros(self._past_shape(prompt.shape[0]), dtype=np.float32)
+        per_row = [settings] if isinstance(settings, Settings) else settings
+        # the prompt and every new token but the last go through the decoder; a long max_new_tokens starts
+        # smaller (most decodings end well before it) and the cache doubles if it must
+        capacity = prompt.shape[1] + min(max(s.max_new_tokens for s in per_row), CACHE_TOKENS) - 1
+        past = np.zeros(self._past_shape(prompt.shape[0], capacity), dtype=np.float32)
         beams = settings.num_beams if isinstance(settings, Settings) else 1
         search = greedy if beams == 1 else beam_search
         return search(step, prompt, past, np.ascontiguousarray(states), mask, self.tokens["eos"], settings)
@@ -390,12 +399,12 @@ class Blip:
             idx = list(range(i, min(i + per_chunk, len(embeds))))
             q_embeds, q_mask = self._questions(embeds, idx, [question] * len(idx))
             rows = np.repeat(np.arange(len(idx)), n_cand)
-            past = np.zeros(self._past_shape(len(rows)), dtype=np.float32)
             logits = self._run(
                 "decoder",
                 {
                     "input_ids": np.tile(seqs, (len(idx), 1)),
-                    "past_kv": past,
+                    "past_kv": np.zeros(self._past_shape(len(rows), 0), dtype=np.float32),
+                    "past_length": np.zeros(1, dtype=np.int64),
                     "encoder_states": q_embeds[rows],
                     "cross_mask": q_mask[rows],
                 },
@@ -439,10 +448,9 @@ class Blip:
             raise ValueError("this model only captions (its checkpoint has no question encoder)")
         return self._words[ids].astype(np.float32)
 
-    def _past_shape(self, batch: int) -> tuple[int, ...]:
-        shape = list(self._empty_past_shape)
-        shape[2] = batch
-        return tuple(shape)
+    def _past_shape(self, batch: int, capacity: int) -> tuple[int, ...]:
+        layers, heads, head_size = self._cache_dims
+        return (layers, 2, batch, heads, capacity, head_size)
 
     def _vocab_size(self) -> int:
         return self.text_codec.tokenizer.get_vocab_size()

@@ -2,8 +2,11 @@
 
 The step function is the `decoder` IR (model_build/graphs.py, `DecoderStep`):
 
-    step(input_ids [B,T], past_kv [L,2,B,H,P,D], encoder_states [B,S,C], cross_mask [B,S])
-        -> logits [B,T,V], present_kv [L,2,B,H,P+T,D]
+    step(input_ids [B,T], past_kv [L,2,B,H,P,D], past_length, encoder_states [B,S,C], cross_mask [B,S])
+        -> logits [B,T,V], new_kv [L,2,B,H,T,D]
+
+The loops own the cache: `past_kv` is allocated once with the capacity the decoding needs
+by the caller), and each step's new keys and values are written into it after its filled part.
 
 States of one row ([1,S,C]) are shared by all rows, each attending to the part its cross_mask
 selects: how one image's caption and its questions' answers are decoded in one batch.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Step = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+Step = Callable[[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 NEG_INF = -np.inf
 
 
@@ -66,6 +69,21 @@ def _penalize_repeats(scores: np.ndarray, history: np.ndarray, penalty: float | 
     return scores
 
 
+def _advance(
+    step: Step, ids: np.ndarray, past: np.ndarray, n_past: int, states: np.ndarray, cross_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step: its logits, and the cache with its keys and values written after the `n_past` filled
+    (the same array, or one of twice the capacity when it was full)."""
+    needed = n_past + ids.shape[1]
+    if needed > past.shape[4]:
+        grown = np.zeros((*past.shape[:4], max(needed, 2 * past.shape[4]), past.shape[5]), dtype=past.dtype)
+        grown[:, :, :, :, :n_past] = past[:, :, :, :, :n_past]
+        past = grown
+    logits, new_kv = step(ids, past, n_past, states, cross_mask)
+    past[:, :, :, :, n_past:needed] = new_kv
+    return logits, past
+
+
 def _rows(states: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The states of these rows; states of one row are every row's."""
     return states if len(states) == 1 else states[rows]
@@ -81,7 +99,8 @@ def greedy(
     settings: Settings | Seq[Settings],
 ) -> list[Sequence]:
     """Greedy decoding of a batch, with one `settings` for all rows or one per row (their num_beams
-    ignored); rows that reach eos or their max_new_tokens leave the batch so they cost nothing more."""
+    ignored); rows that reach eos or their max_new_tokens leave the batch so they cost nothing more.
+    `past`: an empty cache, ideally for the prompt and all but the last new token."""
     batch = prompt.shape[0]
     per_row = [settings] * batch if isinstance(settings, Settings) else list(settings)
     max_new = np.array([s.max_new_tokens for s in per_row])
@@ -93,7 +112,7 @@ def greedy(
     alive = np.arange(batch)  # original row of each row still decoding
     ids = prompt
     for t in range(int(max_new.max())):
-        logits, past = step(ids, past, states, cross_mask)
+        logits, past = _advance(step, ids, past, history.shape[1] - ids.shape[1], states, cross_mask)
         raw = logits[:, -1].astype(np.float32)
         scores = _penalize_repeats(raw.copy(), history, penalty[alive])
         scores[t < min_new[alive], eos] = NEG_INF
@@ -142,7 +161,7 @@ def beam_search(
     done = np.zeros(batch, dtype=bool)
     ids = seqs
     for t in range(settings.max_new_tokens):
-        logits, past = step(ids, past, states, cross_mask)
+        logits, past = _advance(step, ids, past, seqs.shape[1] - ids.shape[1], states, cross_mask)
         raw_lp = log_softmax(logits[:, -1].astype(np.float32))
         # as in transformers' beam search, processors act on log-probs, not on logits
         scores = _penalize_repeats(raw_lp.copy(), seqs, settings.repetition_penalty)

@@ -376,18 +376,18 @@ def test_the_cache_is_bounded_by_bytes_and_by_images():
     cache = EmbeddingCache(max_bytes=10 * 1024, max_images=3)
     block = np.zeros(256, np.float32)  # 1 KiB
     for i in range(6):
-        cache.put("m", f"image{i}", "embeds", block.copy())
-    assert cache.snapshot()["images"] == 3 and cache.get("m", "image0", "embeds") is None
-    cache.get("m", "image3", "embeds")  # used: kept over image4, the least recently used
-    cache.put("m", "image6", "embeds", block.copy())
-    assert cache.get("m", "image3", "embeds") is not None and cache.get("m", "image4", "embeds") is None
-    cache.put("m", "big", "embeds", np.zeros(9 * 256, np.float32))  # 9 KiB: everything else goes
-    assert cache.nbytes <= 10 * 1024 and cache.get("m", "big", "embeds") is not None
-    cache.put("m", "huge", "embeds", np.zeros(11 * 256, np.float32))  # over the whole budget: not kept
-    assert cache.get("m", "huge", "embeds") is None
+        cache.put("m", f"image{i}", block.copy())
+    assert cache.snapshot()["images"] == 3 and cache.get("m", "image0") is None
+    cache.get("m", "image3")  # used: kept over image4, the least recently used
+    cache.put("m", "image6", block.copy())
+    assert cache.get("m", "image3") is not None and cache.get("m", "image4") is None
+    cache.put("m", "big", np.zeros(9 * 256, np.float32))  # 9 KiB: everything else goes
+    assert cache.nbytes <= 10 * 1024 and cache.get("m", "big") is not None
+    cache.put("m", "huge", np.zeros(11 * 256, np.float32))  # over the whole budget: not kept
+    assert cache.get("m", "huge") is None
     off = EmbeddingCache(0)
-    off.put("m", "x", "embeds", block)
-    assert not off.enabled and off.get("m", "x", "embeds") is None
+    off.put("m", "x", block)
+    assert not off.enabled and off.get("m", "x") is None
 
 
 def test_embedding_cache_mb_from_the_environment(monkeypatch, blip, scenes, counted):

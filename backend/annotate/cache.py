@@ -1,14 +1,13 @@
 """What the vision encoders made of each image, kept for the next request about it: bounded, LRU.
 
     cache = EmbeddingCache(mb_from_env() << 20)           # EMBEDDING_CACHE_MB (default 64; 0 turns it off)
-    cache.put(model, digest, "embeds", embeddings)        # [1, S, E] of one image
-    cache.get(model, digest, "embeds")                    # the same array, or None
+    cache.put(model, digest, embeddings)                  # [1, S, E] of one image
+    cache.get(model, digest)                              # the same array, or None
 
-An entry is one array of one image: its embeddings from one vision encoder ("embeds", 1.8 MB on a
-full-size model). Entries are keyed by the model (Blip.encoder_key: the build and precision), the digest of
-the image (sha256 of the file's bytes, or of the data URI) and the kind, so a changed file is another
-image, and the cache keeps at most `max_bytes` of arrays and `max_images` distinct images, dropping the
-least recently used first.
+An entry is one image's embeddings from one vision encoder (1.8 MB on a full-size model). Entries are keyed
+by the model (Blip.encoder_key: the build and precision) and the digest of the image (sha256 of the file's
+bytes, or of the data URI), so a changed file is another image, and the cache keeps at most `max_bytes`
+of arrays and `max_images` distinct images, dropping the least recently used first.
 
 `sources` remembers, per image URL, the digest it had and how to tell that the file behind the URL is
 still the same without downloading it again (images.Source: Label Studio's uploads never change; Local
@@ -40,7 +39,7 @@ DEFAULT_MB = 64
 MAX_IMAGES = 1024  # distinct images, whatever their size (the tiny test model's take a few KB)
 MAX_SOURCES = 8192  # URLs remembered with their digest and validators (a few hundred bytes each)
 
-Key = tuple[str, str, str]  # (model, image digest, kind)
+Key = tuple[str, str]  # (model, image digest)
 
 
 @dataclass
@@ -77,8 +76,8 @@ class EmbeddingCache:
 
     # -- arrays --------------------------------------------------------------------------------------
 
-    def get(self, model: str, digest: str, kind: str) -> np.ndarray | None:
-        key = (model, digest, kind)
+    def get(self, model: str, digest: str) -> np.ndarray | None:
+        key = (model, digest)
         with self._lock:
             array = self._arrays.get(key)
             if array is None:
@@ -88,11 +87,11 @@ class EmbeddingCache:
             self.stats.hits += 1
             return array
 
-    def put(self, model: str, digest: str, kind: str, array: np.ndarray) -> None:
+    def put(self, model: str, digest: str, array: np.ndarray) -> None:
         """Keeps `array` (not a copy: pass one that owns its memory, not a view of a larger batch)."""
         if not self.enabled or array.nbytes > self.max_bytes:
             return
-        key = (model, digest, kind)
+        key = (model, digest)
         with self._lock:
             old = self._arrays.pop(key, None)
             if old is not None:

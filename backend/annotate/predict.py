@@ -243,7 +243,7 @@ class Predictor:
         kept: dict[str, np.ndarray] = {}
         if known is not None:
             for name in models:
-                array = cache.get(name, known.digest, "embeds")
+                array = cache.get(name, known.digest)
                 if array is None:
                     break
                 kept[name] = array
@@ -265,7 +265,7 @@ class Predictor:
         self.cache.remember(key, source)
         kept = {}
         for name in models:  # the same bytes under another URL, or a server that ignored If-None-Match
-            array = self.cache.get(name, source.digest, "embeds")
+            array = self.cache.get(name, source.digest)
             if array is not None:
                 kept[name] = array
         return _Image(_sized(image, models), source.digest, kept)
@@ -359,7 +359,7 @@ class Predictor:
             entry = work.images[img]
             array = entry.kept.get(name)
             if array is None and entry.digest is not None:
-                array = self.cache.get(name, entry.digest, "embeds")
+                array = self.cache.get(name, entry.digest)
             if array is not None:
                 out[img] = (array, 0)
             else:
@@ -373,7 +373,7 @@ class Predictor:
                 if digest is not None and self.cache.enabled:
                     # a copy: a view would keep the whole batch's array alive
                     own = array[r : r + 1] if len(todo) == 1 else array[r : r + 1].copy()
-                    self.cache.put(name, digest, "embeds", own)
+                    self.cache.put(name, digest, own)
                     work.images[img].kept[name] = own
         return out
 

@@ -78,6 +78,23 @@ def test_captions_match_transformers(blip, hf, held_out, generation):
     assert ours == hf_caption_ids(hf, images, max_new_tokens=20, **generation)
 
 
+@pytest.mark.parametrize("generation", [{}, {"num_beams": 3}])
+def test_a_cache_that_must_grow_decodes_the_same_tokens(blip, hf, held_out, monkeypatch, generation):
+    # a decoding's cache starts at CACHE_TOKENS and doubles when full: from 2, a 16-token caption
+    # after a prompt outgrows it three times
+    import backend.runtime.blip as blip_module
+
+    monkeypatch.setattr(blip_module, "CACHE_TOKENS", 2)
+    images = [s.image for s in held_out[:4]]
+    ids = prompt_ids(blip, held_out[0].caption.split()[0])
+    settings = {"min_new_tokens": 16, "max_new_tokens": 20, **generation}
+    ours = [
+        g.tokens[len(ids) :] for g in blip.caption(images, prompt=held_out[0].caption.split()[0], **settings)
+    ]
+    assert ours == [hf_caption_ids(hf, [im], ids, **settings)[0] for im in images]
+    assert all(len(t) >= 16 for t in ours)
+
+
 def test_caption_prompt_matches_transformers(blip, hf, held_out):
     images = [s.image for s in held_out[:N]]
     prompt = held_out[0].caption.split()[0]  # a real first word of a caption

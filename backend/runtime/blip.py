@@ -257,8 +257,8 @@ class Blip:
     # -- the parts -------------------------------------------------------------------------------
 
     def _run(self, part: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        # a request per call, whose output array we keep instead of copying it: K/V outputs are 42 MB
-        # per image on a full-size model, and the copy cost 8 ms of a 42 ms call
+        # a request per call, whose output array we keep instead of copying it (rank's logits run to
+        # RANK_ELEMENTS floats; format 3's 42 MB keys/values per image had cost 8 ms of a 42 ms call to copy)
         request = self._parts[part].create_infer_request()
         return request.infer(inputs, share_inputs=True, share_outputs=True)[0]
 

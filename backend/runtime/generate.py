@@ -5,8 +5,9 @@ The step function is the `decoder` IR (model_build/graphs.py, `DecoderStep`):
     step(input_ids [B,T], past_kv [L,2,B,H,P,D], past_length, encoder_states [B,S,C], cross_mask [B,S])
         -> logits [B,T,V], new_kv [L,2,B,H,T,D]
 
-The loops own the cache: `past_kv` is allocated once with the capacity the decoding needs
-by the caller), and each step's new keys and values are written into it after its filled part.
+The loops own the cache: the caller allocates `past_kv` with the capacity a decoding needs, each step's
+new keys and values are written into it after its filled part, and it doubles when full. Every step of
+a decoding then has the same input shapes (model_build/graphs.py says why that matters).
 
 States of one row ([1,S,C]) are shared by all rows, each attending to the part its cross_mask
 selects: how one image's caption and its questions' answers are decoded in one batch.

@@ -27,6 +27,7 @@ MANIFEST = "manifest.json"
 # 3: its word-embedding table is a file of its own (WORD_TABLE), its IR takes the rows (word_embeds)
 # 4: the decoder attends to the encoder states themselves (model_build/graphs.py): no cross_kv part
 # 5: so does the question encoder: no text_encoder_kv part, its IR takes the image embeddings
+# 6: the decoder's self-attention cache has a fixed capacity: past_length in, new_kv out (not present_kv)
 FORMAT = 6
 WORD_TABLE = "text_encoder.words.npy"
 # Parts every model directory has; the text encoder's only when the checkpoint answers questions.
